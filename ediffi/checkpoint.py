@@ -1,0 +1,139 @@
+"""Checkpoints: safetensors weights (+ EMA) and a JSON config that rebuilds the network.
+
+Layout of a checkpoint directory:
+    config.json        {"format", "version", "network": UNetConfig, "metadata": {...}}
+    model.safetensors  network weights
+    ema.safetensors    EMA weights (optional)
+Loading never unpickles: a pickle or torch.save file in place of safetensors is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ediffi.edm import EDMPrecond
+from ediffi.presets import build_denoiser
+from ediffi.unet import UNetConfig
+
+FORMAT = "ediffi-checkpoint"
+VERSION = 1
+CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unsafe, or does not match its network."""
+
+
+def _state(module_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(module_or_state, EDMPrecond):
+        module_or_state = module_or_state.net
+    state = (
+        module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    )
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(
+    path: str | Path,
+    cfg: UNetConfig,
+    model: nn.Module | dict[str, torch.Tensor],
+    ema: nn.Module | dict[str, torch.Tensor] | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write a checkpoint directory (the network as EDMPrecond, UNet, or a UNet state dict)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(_state(model), str(path / MODEL_FILE))
+    if ema is not None:
+        save_file(_state(ema), str(path / EMA_FILE))
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "network": cfg.to_dict(),
+        "metadata": metadata or {},
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def read_config(path: str | Path) -> tuple[UNetConfig, dict]:
+    """The network config and metadata stored in a checkpoint directory."""
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: checkpoint config not found")
+    try:
+        doc = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: not an ediffi checkpoint config (format != {FORMAT!r})")
+    if doc.get("version") != VERSION:
+        raise CheckpointError(
+            f"{f}: unsupported checkpoint version {doc.get('version')!r} (expected {VERSION})"
+        )
+    try:
+        cfg = UNetConfig.from_dict(doc["network"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{f}: invalid network config ({e})") from None
+    return cfg, doc.get("metadata", {})
+
+
+def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; pickles and torch.save archives are refused unread."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: weights file not found")
+    with open(file, "rb") as fh:
+        head = fh.read(4)
+    if head[:1] == b"\x80" or head == b"PK\x03\x04":
+        raise CheckpointError(
+            f"{file}: is a pickle / torch.save file; ediffi loads only safetensors and never unpickles"
+        )
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _check_matches(
+    file: Path, weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> None:
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(weights[k].shape)} vs network "
+                f"{tuple(expected[k].shape)})"
+            )
+        raise CheckpointError(
+            f"{file}: does not match the network in config.json: " + "; ".join(parts)
+        )
+
+
+def load_checkpoint(
+    path: str | Path, use_ema: bool = False, device: torch.device | str = "cpu"
+) -> tuple[EDMPrecond, dict]:
+    """Rebuild the denoiser from a checkpoint directory (EMA weights if use_ema) and its metadata."""
+    path = Path(path)
+    cfg, metadata = read_config(path)
+    file = path / (EMA_FILE if use_ema else MODEL_FILE)
+    weights = read_weights(file)
+    D = build_denoiser(cfg, "meta")
+    _check_matches(file, weights, D.net.state_dict())
+    D = build_denoiser(cfg, "cpu")
+    D.net.load_state_dict(weights, strict=True)
+    return D.to(device).eval(), metadata

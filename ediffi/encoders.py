@@ -1,0 +1,226 @@
+"""Text and image encoders producing the conditioning schema: T5 (transformers) and CLIP (open_clip).
+
+Real encoders load from a local path or hub id (T5) and an open_clip model name with a pretrained
+tag or local checkpoint file (CLIP). The "tiny" encoders are random-init, seeded, and use
+tokenizers that ship inside the installed packages (ByT5's byte tokenizer, CLIP's BPE), so tests
+and the demo never download anything; the same seed gives the same encoder in every process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+
+from ediffi.conditioning import Cond, CondSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY = "tiny"
+TINY_T5_DIM, TINY_CLIP_WIDTH, TINY_CLIP_EMBED, TINY_CLIP_IMAGE_SIZE = 32, 32, 32, 32
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which encoders produce the conditioning, and how they run."""
+
+    t5: str = TINY  # "tiny", or a local path / hub id of a T5 encoder (e.g. google/t5-v1_1-xxl)
+    t5_len: int = 128  # T5 tokens kept per prompt (longer prompts are truncated and counted)
+    clip: str = TINY  # "tiny", or an open_clip model name (e.g. "ViT-L-14")
+    clip_pretrained: str | None = None  # open_clip pretrained tag or local checkpoint file
+    dtype: str = "float32"  # encoder compute dtype: float32, bfloat16, float16
+    seed: int = 0  # init seed of the tiny encoders (must agree between precompute and generation)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"EncoderConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"
+            )
+        if self.t5_len <= 0:
+            raise ValueError(f"EncoderConfig.t5_len must be positive, got {self.t5_len}")
+
+
+@dataclass
+class EncodeStats:
+    """What happened to a batch of prompts during encoding."""
+
+    prompts: int = 0
+    t5_truncated: int = 0  # prompts longer than t5_len tokens
+    clip_truncated: int = 0  # prompts longer than CLIP's context
+
+    def __iadd__(self, other: EncodeStats) -> EncodeStats:
+        self.prompts += other.prompts
+        self.t5_truncated += other.t5_truncated
+        self.clip_truncated += other.clip_truncated
+        return self
+
+
+def _tiny_t5() -> tuple[nn.Module, object]:
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tok = ByT5Tokenizer()
+    cfg = T5Config(
+        vocab_size=len(tok), d_model=TINY_T5_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2
+    )
+    return T5EncoderModel(cfg), tok
+
+
+def _real_t5(name_or_path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = T5EncoderModel.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load T5 encoder {name_or_path!r}: {e}") from None
+    return model, tok
+
+
+def _tiny_clip() -> nn.Module:
+    vision = open_clip.CLIPVisionCfg(
+        layers=2,
+        width=TINY_CLIP_WIDTH,
+        head_width=16,
+        patch_size=8,
+        image_size=TINY_CLIP_IMAGE_SIZE,
+    )
+    text = open_clip.CLIPTextCfg(
+        context_length=77, vocab_size=49408, width=TINY_CLIP_WIDTH, heads=2, layers=2
+    )
+    return open_clip.CLIP(embed_dim=TINY_CLIP_EMBED, vision_cfg=vision, text_cfg=text)
+
+
+def _real_clip(name: str, pretrained: str | None) -> nn.Module:
+    if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
+        raise ValueError(f"CLIP checkpoint file {pretrained!r} not found")
+    try:
+        return open_clip.create_model(name, pretrained=pretrained)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ValueError(
+            f"cannot build CLIP model {name!r} (pretrained={pretrained!r}): {e}"
+        ) from None
+
+
+class ConditioningEncoder(nn.Module):
+    """Prompts (and optional images) -> Cond, following the schema; models loaded once."""
+
+    def __init__(self, cfg: EncoderConfig = EncoderConfig()):
+        super().__init__()
+        self.cfg = cfg
+        dtype = DTYPES[cfg.dtype]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.t5, self.t5_tokenizer = _tiny_t5() if cfg.t5 == TINY else _real_t5(cfg.t5, dtype)
+            self.clip = (
+                _tiny_clip() if cfg.clip == TINY else _real_clip(cfg.clip, cfg.clip_pretrained)
+            )
+        self.clip_tokenizer = open_clip.get_tokenizer("ViT-L-14" if cfg.clip == TINY else cfg.clip)
+        if not hasattr(self.clip_tokenizer, "encode"):
+            raise ValueError(
+                f"CLIP model {cfg.clip!r}: only BPE-tokenized CLIP models are supported"
+            )
+        self.t5.to(dtype).eval().requires_grad_(False)
+        self.clip.to(dtype).eval().requires_grad_(False)
+        self.image_size = (
+            self.clip.visual.image_size[0] if hasattr(self.clip.visual, "image_size") else 224
+        )
+        self.spec = CondSpec(
+            t5_len=cfg.t5_len,
+            t5_dim=self.t5.config.d_model,
+            clip_len=self.clip.context_length,
+            clip_dim=self.clip.token_embedding.embedding_dim,
+            clip_embed_dim=self.clip.text_projection.shape[-1]
+            if isinstance(self.clip.text_projection, torch.Tensor)
+            else self.clip.text_projection.out_features,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.token_embedding.weight.device
+
+    @torch.no_grad()
+    def encode_t5(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """T5 token embeddings [B, t5_len, d], mask [B, t5_len], and how many prompts were truncated."""
+        L = self.cfg.t5_len
+        full = self.t5_tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        truncated = sum(len(ids) > L for ids in full)
+        enc = self.t5_tokenizer(
+            prompts, padding="max_length", max_length=L, truncation=True, return_tensors="pt"
+        )
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
+        h = self.t5(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return h.float() * mask[..., None], mask, truncated
+
+    @torch.no_grad()
+    def encode_clip_text(
+        self, prompts: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """CLIP text tokens [B, 77, w], their mask, the pooled text embedding, and truncations."""
+        L = self.clip.context_length
+        truncated = sum(len(self.clip_tokenizer.encode(p)) + 2 > L for p in prompts)
+        ids = self.clip_tokenizer(prompts).to(self.device)
+        m = self.clip
+        dtype = m.token_embedding.weight.dtype
+        x = m.token_embedding(ids).to(dtype) + m.positional_embedding.to(dtype)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        eot = ids.argmax(dim=-1)  # the end-of-text token has the largest id
+        pooled = x[torch.arange(len(ids), device=ids.device), eot]
+        pooled = (
+            m.text_projection(pooled)
+            if isinstance(m.text_projection, nn.Linear)
+            else pooled @ m.text_projection
+        )
+        mask = torch.arange(L, device=ids.device)[None] <= eot[:, None]
+        return x.float() * mask[..., None], mask, pooled.float(), truncated
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings [B, e] of images [B, 3, H, W] (uint8, or float in [0, 1])."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        x = images.to(self.device)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = F.interpolate(
+            x,
+            size=(self.image_size, self.image_size),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
+        ).clamp(0, 1)
+        mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device).reshape(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_DATASET_STD, device=x.device).reshape(1, 3, 1, 1)
+        dtype = self.clip.token_embedding.weight.dtype
+        return self.clip.encode_image(((x - mean) / std).to(dtype)).float()
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: list[str], images: torch.Tensor | None = None
+    ) -> tuple[Cond, EncodeStats]:
+        """The full conditioning for prompts; without images the image embedding is absent."""
+        if isinstance(prompts, str):
+            raise TypeError("encode() takes a list of prompts, not a single string")
+        t5, t5_mask, n_t5 = self.encode_t5(list(prompts))
+        clip, clip_mask, pooled, n_clip = self.encode_clip_text(list(prompts))
+        B = len(prompts)
+        if images is None:
+            clip_image = torch.zeros(B, self.spec.clip_embed_dim, device=self.device)
+            image_mask = torch.zeros(B, dtype=torch.bool, device=self.device)
+        else:
+            if len(images) != B:
+                raise ValueError(f"got {len(images)} images for {B} prompts")
+            clip_image = self.encode_images(images)
+            image_mask = torch.ones(B, dtype=torch.bool, device=self.device)
+        cond = Cond(
+            t5=t5,
+            t5_mask=t5_mask,
+            clip=clip,
+            clip_mask=clip_mask,
+            clip_pooled=pooled,
+            clip_image=clip_image,
+            clip_image_mask=image_mask,
+        )
+        return cond, EncodeStats(prompts=B, t5_truncated=n_t5, clip_truncated=n_clip)

@@ -1,0 +1,136 @@
+"""Named network presets in one table, and their parameter counts and forward FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ediffi.conditioning import CondSpec, empty_cond
+from ediffi.edm import EDMPrecond
+from ediffi.unet import UNet, UNetConfig
+
+# Shapes produced by the tiny offline encoders (see ediffi.encoders) and by T5-XXL + CLIP ViT-L/14.
+TINY_COND = CondSpec(t5_len=128, t5_dim=32, clip_len=77, clip_dim=32, clip_embed_dim=32)
+PAPER_COND = CondSpec(t5_len=128, t5_dim=4096, clip_len=77, clip_dim=768, clip_embed_dim=768)
+
+# eDiff-I's exact widths were not published; the paper-scale presets follow its cascade
+# (64 -> 256 -> 1024) with ADM/Imagen-like widths, attention only where it is affordable.
+PRESETS: dict[str, UNetConfig] = {
+    # Unit tests: well under 5M parameters, 16x16.
+    "tiny": UNetConfig(
+        img_resolution=16,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_blocks=1,
+        attn_resolutions=(8,),
+        head_dim=32,
+        ctx_dim=64,
+        cond=TINY_COND,
+    ),
+    # The laptop demo: 32x32, trainable on 2 CPU cores in minutes.
+    # Attention at 8x8 only: at 32x32, 16x16 attention cost ~40% of a CPU training step.
+    "demo": UNetConfig(
+        img_resolution=32,
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        num_blocks=1,
+        attn_resolutions=(8,),
+        head_dim=32,
+        ctx_dim=128,
+        cond=TINY_COND,
+    ),
+    # A super-resolution stage for the demo cascade (32 -> 64).
+    "demo_sr": UNetConfig(
+        img_resolution=64,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        num_blocks=1,
+        attn_resolutions=(16,),
+        head_dim=32,
+        ctx_dim=64,
+        sr=True,
+        cond=TINY_COND,
+    ),
+    # Paper-scale base model at 64x64.
+    "base64": UNetConfig(
+        img_resolution=64,
+        model_channels=256,
+        channel_mult=(1, 2, 3, 4),
+        num_blocks=3,
+        attn_resolutions=(32, 16, 8),
+        head_dim=64,
+        ctx_dim=1024,
+        cond=PAPER_COND,
+    ),
+    # Paper-scale super-resolution 64 -> 256.
+    "sr256": UNetConfig(
+        img_resolution=256,
+        model_channels=128,
+        channel_mult=(1, 2, 4, 8, 8),
+        num_blocks=2,
+        attn_resolutions=(32, 16),
+        head_dim=64,
+        ctx_dim=1024,
+        sr=True,
+        cond=PAPER_COND,
+    ),
+    # Paper-scale super-resolution 256 -> 1024 (cross-attention at the lowest resolutions only).
+    "sr1024": UNetConfig(
+        img_resolution=1024,
+        model_channels=128,
+        channel_mult=(1, 1, 2, 4, 8, 8),
+        num_blocks=2,
+        attn_resolutions=(32,),
+        head_dim=64,
+        ctx_dim=1024,
+        sr=True,
+        cond=PAPER_COND,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> UNetConfig:
+    """A preset's config, with field overrides (unknown names are an error)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def build_denoiser(cfg: UNetConfig, device: torch.device | str = "cpu") -> EDMPrecond:
+    """A preconditioned denoiser D(x, sigma, cond) for cfg; device='meta' allocates nothing."""
+    with torch.device(device):
+        return EDMPrecond(UNet(cfg))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters (meta tensors included)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def forward_flops(cfg: UNetConfig, batch: int = 1) -> int:
+    """Forward FLOPs per image (matmul/conv/attention, counted on the meta device)."""
+    D = build_denoiser(cfg, "meta")
+    R = cfg.img_resolution
+    x = torch.empty(batch, cfg.in_channels, R, R, device="meta")
+    cond = empty_cond(cfg.cond, batch, "meta")
+    if cfg.sr:
+        cond.lowres = torch.empty(batch, cfg.in_channels, R // 4, R // 4, device="meta")
+        cond.aug_sigma = torch.empty(batch, device="meta")
+    sigma = torch.empty(batch, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        D(x, sigma, cond)
+    return counter.get_total_flops() // batch
+
+
+def preset_report(name: str) -> dict:
+    """Parameter count and forward FLOPs per image of a preset, built on the meta device."""
+    cfg = get_preset(name)
+    return {
+        "preset": name,
+        "resolution": cfg.img_resolution,
+        "params": count_parameters(build_denoiser(cfg, "meta")),
+        "forward_flops_per_image": forward_flops(cfg),
+    }

@@ -1,0 +1,52 @@
+"""One optimisation step of the EDM objective, as a pure function over model, optimizer and batch."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ediffi.conditioning import Cond, DropoutConfig, drop_embeddings
+from ediffi.edm import NoiseDistribution, edm_loss
+
+
+@dataclass
+class StepResult:
+    """What one step measured (per-sample losses and sigmas stay on the device)."""
+
+    loss: torch.Tensor  # mean loss (scalar)
+    per_sample: torch.Tensor  # [B] weighted losses
+    sigma: torch.Tensor  # [B] noise levels used
+    grad_norm: torch.Tensor | None  # total gradient norm before clipping
+
+
+def autocast_for(device: torch.device | str, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on the given device type, or a no-op for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+def train_step(
+    D: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x0: torch.Tensor,
+    cond: Cond,
+    noise: NoiseDistribution = NoiseDistribution(),
+    dropout: DropoutConfig = DropoutConfig(),
+    grad_clip: float | None = 1.0,
+    dtype: str = "float32",
+    generator: torch.Generator | None = None,
+) -> StepResult:
+    """Drop embeddings, compute the EDM loss (under autocast), backpropagate, clip, and step."""
+    cond = drop_embeddings(cond, dropout, generator)
+    with autocast_for(x0.device, dtype):
+        per_sample, sigma = edm_loss(D, x0, cond, noise, generator)
+    loss = per_sample.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip) if grad_clip else None
+    optimizer.step()
+    return StepResult(loss.detach(), per_sample.detach(), sigma, grad_norm)

@@ -1,0 +1,60 @@
+"""Shared test helpers: tiny networks with non-trivial weights and a call-counting denoiser."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ediffi.conditioning import Cond
+from ediffi.presets import build_denoiser, get_preset
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Overwrite every parameter with seeded noise (zero-initialised layers would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def random_cond(spec, batch: int, seed: int = 0, image: bool = True) -> Cond:
+    """A random condition following the schema, with ragged text masks."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(batch, *s, generator=g)
+    t5_len = torch.randint(1, spec.t5_len + 1, (batch,), generator=g)
+    clip_len = torch.randint(2, spec.clip_len + 1, (batch,), generator=g)
+    t5_mask = torch.arange(spec.t5_len)[None] < t5_len[:, None]
+    clip_mask = torch.arange(spec.clip_len)[None] < clip_len[:, None]
+    return Cond(
+        t5=r(spec.t5_len, spec.t5_dim) * t5_mask[..., None],
+        t5_mask=t5_mask,
+        clip=r(spec.clip_len, spec.clip_dim) * clip_mask[..., None],
+        clip_mask=clip_mask,
+        clip_pooled=r(spec.clip_embed_dim),
+        clip_image=r(spec.clip_embed_dim) * image,
+        clip_image_mask=torch.full((batch,), image),
+    )
+
+
+class Counting:
+    """Wraps a denoiser and records the batch size and sigmas of every call."""
+
+    def __init__(self, D):
+        self.D = D
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, x, sigma, cond):
+        assert x.shape[0] == sigma.shape[0] == len(cond)
+        self.calls.append(sigma.detach().clone())
+        return self.D(x, sigma, cond)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return get_preset("tiny")
+
+
+@pytest.fixture
+def tiny_D(tiny_cfg):
+    return randomize(build_denoiser(tiny_cfg), seed=1).eval()

@@ -1,0 +1,97 @@
+"""Checkpoints: bitwise round trip, refusal of pickles, clear errors for corrupt or mismatched files."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import random_cond, randomize
+
+from ediffi.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from ediffi.presets import build_denoiser, get_preset
+
+
+def _saved(tmp_path, cfg):
+    D, ema = randomize(build_denoiser(cfg), seed=1), randomize(build_denoiser(cfg), seed=2)
+    save_checkpoint(tmp_path / "ck", cfg, D, ema=ema, metadata={"step": 7})
+    return D, ema, tmp_path / "ck"
+
+
+def test_round_trip_is_bitwise(tmp_path, tiny_cfg):
+    D, ema, path = _saved(tmp_path, tiny_cfg)
+    for src, use_ema in ((D, False), (ema, True)):
+        loaded, meta = load_checkpoint(path, use_ema=use_ema)
+        assert meta == {"step": 7}
+        a, b = src.state_dict(), loaded.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        x, s, c = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0]), random_cond(tiny_cfg.cond, 2)
+        assert torch.equal(src.eval()(x, s, c), loaded(x, s, c))
+    assert read_config(path)[0] == tiny_cfg
+
+
+class _Boom:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("kind", ["torch_save", "raw_pickle"])
+def test_pickle_bearing_files_are_refused_unread(tmp_path, tiny_cfg, kind):
+    _, _, path = _saved(tmp_path, tiny_cfg)
+    marker = tmp_path / "unpickled"
+    if kind == "torch_save":
+        torch.save({"x": _Boom(marker)}, path / "model.safetensors")
+    else:
+        (path / "model.safetensors").write_bytes(pickle.dumps(_Boom(marker)))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: is a pickle"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_corrupt_weights_name_the_file(tmp_path, tiny_cfg):
+    _, _, path = _saved(tmp_path, tiny_cfg)
+    data = (path / "ema.safetensors").read_bytes()
+    (path / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"ema\.safetensors: not a readable safetensors file"):
+        load_checkpoint(path, use_ema=True)
+
+
+def test_mismatched_network_is_named(tmp_path, tiny_cfg):
+    _, _, path = _saved(tmp_path, tiny_cfg)
+    doc = json.loads((path / "config.json").read_text())
+    doc["network"]["model_channels"] = 64
+    (path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: does not match .* shape mismatches"
+    ):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{oops", "not valid JSON"),
+        ('{"format": "x"}', "not an ediffi checkpoint"),
+        (
+            '{"format": "ediffi-checkpoint", "version": 1, "network": {"bogus": 1}}',
+            "unknown UNetConfig keys",
+        ),
+    ],
+)
+def test_bad_config_is_named(tmp_path, tiny_cfg, text, message):
+    _, _, path = _saved(tmp_path, tiny_cfg)
+    (path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="config not found"):
+        load_checkpoint(tmp_path / "absent")
+    save_checkpoint(tmp_path / "noema", get_preset("tiny"), build_denoiser(get_preset("tiny")))
+    with pytest.raises(CheckpointError, match=r"ema\.safetensors: weights file not found"):
+        load_checkpoint(tmp_path / "noema", use_ema=True)

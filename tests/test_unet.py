@@ -1,0 +1,108 @@
+"""The U-Net and its presets: builds, counts, forward/backward, masking, SR conditioning."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import random_cond, randomize
+
+from ediffi.conditioning import empty_cond
+from ediffi.presets import (
+    PRESETS,
+    build_denoiser,
+    count_parameters,
+    forward_flops,
+    get_preset,
+    preset_report,
+)
+from ediffi.unet import UNetConfig
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_on_meta_without_memory(name):
+    D = build_denoiser(get_preset(name), "meta")
+    assert all(p.is_meta for p in D.parameters())
+    report = preset_report(name)
+    assert report["params"] == count_parameters(D) > 0
+    assert report["forward_flops_per_image"] > 2 * report["params"]  # convolutions reuse weights
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "demo_sr"])
+def test_reported_parameter_count_equals_real_module(name):
+    real = build_denoiser(get_preset(name), "cpu")
+    assert preset_report(name)["params"] == sum(p.numel() for p in real.parameters())
+
+
+def test_tiny_is_small_and_flops_scale_with_batch():
+    assert preset_report("tiny")["params"] < 5_000_000
+    cfg = get_preset("tiny")
+    assert forward_flops(cfg, batch=1) == forward_flops(cfg, batch=3)
+
+
+def test_tiny_forward_backward(tiny_cfg):
+    D = build_denoiser(tiny_cfg)
+    x = torch.randn(3, 3, 16, 16)
+    cond = random_cond(tiny_cfg.cond, 3)
+    out = D(x, torch.tensor([0.01, 1.0, 80.0]), cond)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    (out - x).square().mean().backward()
+    grads = [p.grad for p in D.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert D.net.conv_out.weight.grad.abs().sum() > 0
+
+
+@pytest.fixture
+def strong_D(tiny_cfg):
+    """Larger random weights so that every input visibly moves the output."""
+    return randomize(build_denoiser(tiny_cfg), seed=1, std=0.3).eval()
+
+
+def test_cross_attention_respects_key_padding_mask(strong_D, tiny_cfg):
+    cond = random_cond(tiny_cfg.cond, 2)
+    x, s = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 1.0])
+    base = strong_D(x, s, cond)
+    padded = cond.t5.masked_fill(~cond.t5_mask[..., None], 100.0)  # change only masked-out tokens
+    torch.testing.assert_close(strong_D(x, s, replace(cond, t5=padded)), base, rtol=0, atol=1e-5)
+    present = cond.t5 + cond.t5_mask[..., None] * 1.0  # change the present tokens
+    assert (strong_D(x, s, replace(cond, t5=present)) - base).abs().max() > 1e-3
+
+
+def test_each_embedding_reaches_the_output(strong_D, tiny_cfg):
+    cond = random_cond(tiny_cfg.cond, 2)
+    x, s = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 1.0])
+    base = strong_D(x, s, cond)
+    for which in ("t5", "clip_text", "clip_image"):
+        assert (strong_D(x, s, cond.drop(which, False)) - base).abs().max() > 1e-3, which
+    assert torch.isfinite(
+        strong_D(x, s, empty_cond(tiny_cfg.cond, 2))
+    ).all()  # all masked still defined
+
+
+def test_super_resolution_variant_uses_lowres_and_aug_level():
+    cfg = get_preset("tiny", sr=True)
+    D = randomize(build_denoiser(cfg), seed=3).eval()
+    cond = random_cond(cfg.cond, 2)
+    x, s = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 1.0])
+    with pytest.raises(ValueError, match="lowres"):
+        D(x, s, cond)
+    cond.lowres, cond.aug_sigma = torch.randn(2, 3, 4, 4), torch.tensor([0.0, 0.2])
+    base = D(x, s, cond)
+    assert base.shape == x.shape
+    cond2 = random_cond(cfg.cond, 2)
+    cond2.lowres, cond2.aug_sigma = cond.lowres + 1.0, cond.aug_sigma
+    assert (D(x, s, cond2) - base).abs().max() > 1e-4
+    cond2.lowres, cond2.aug_sigma = cond.lowres, cond.aug_sigma + 0.5
+    assert (D(x, s, cond2) - base).abs().max() > 1e-4
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="img_resolution"):
+        UNetConfig(img_resolution=30, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="head_dim"):
+        UNetConfig(model_channels=48, head_dim=64)
+    with pytest.raises(ValueError, match="unknown UNetConfig keys"):
+        UNetConfig.from_dict({"widht": 3})
+    with pytest.raises(KeyError, match="unknown preset"):
+        get_preset("huge")
+    cfg = get_preset("demo")
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
