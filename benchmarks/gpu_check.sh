@@ -4,8 +4,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/platform${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site; fi
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site; fi
 nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.log" | tail -15
 B="python3 benchmarks/bench_model.py --device cuda --dtype bfloat16 --peak-tflops 989 --repeats 5"
-{ $B --presets tiny demo --batch 64; $B --presets base64 --batch 32; $B --presets sr256 --batch 8; $B --presets sr1024 --batch 2 --steps 8; } 2>&1 | tee "$OUT/bench.log"
+{ $B --presets tiny demo --batch 64; $B --presets base64 --batch 32; $B --presets sr256 --batch 8; $B --presets sr1024 --batch 1 --steps 8; } 2>&1 | tee "$OUT/bench.log"

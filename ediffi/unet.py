@@ -108,7 +108,8 @@ class FourierEmbedding(nn.Module):
     def __init__(self, channels: int, scale: float = 16.0, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("freqs", torch.randn(channels // 2, generator=g) * scale)
+        freqs = torch.randn(channels // 2, generator=g, device="cpu") * scale
+        self.register_buffer("freqs", freqs.to(torch.get_default_device()))  # honours `with torch.device(...)`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.freqs.dtype).outer(2 * math.pi * self.freqs)

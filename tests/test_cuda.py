@@ -64,17 +64,27 @@ def test_ensemble_routes_on_cuda(tiny_cfg):
 
 
 def test_bf16_training_overfits_a_batch_on_cuda():
+    from ediffi.conditioning import DropoutConfig
+    from ediffi.edm import NoiseDistribution, edm_loss
+
     cfg = get_preset("tiny")
     D = build_denoiser(cfg, "cuda")
     opt = torch.optim.AdamW(D.parameters(), lr=2e-3)
     x, _, c = _inputs(cfg)
     x, c = x.cuda().clamp(-1, 1), c.to("cuda")
+    xs, cs = x.repeat(16, 1, 1, 1), c.repeat(16)
+
+    def held_out_loss():  # same sigmas and noise before and after training
+        with torch.no_grad(), autocast_for("cuda", "bfloat16"):
+            g = torch.Generator("cuda").manual_seed(123)
+            return edm_loss(D, xs, cs, NoiseDistribution(), g)[0].mean().item()
+
+    before = held_out_loss()
     g = torch.Generator("cuda").manual_seed(0)
-    losses = [
-        train_step(D, opt, x, c, dtype="bfloat16", generator=g).loss.item() for _ in range(150)
-    ]
-    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.7 * first, (first, last)
+    for _ in range(200):
+        train_step(D, opt, xs, cs, dropout=DropoutConfig(0, 0, 0), dtype="bfloat16", generator=g)
+    after = held_out_loss()
+    assert after < 0.8 * before, (before, after)
 
 
 def test_encoders_on_cuda_in_bf16():
