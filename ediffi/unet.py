@@ -109,7 +109,8 @@ class FourierEmbedding(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         freqs = torch.randn(channels // 2, generator=g, device="cpu") * scale
-        self.register_buffer("freqs", freqs.to(torch.get_default_device()))  # honours `with torch.device(...)`
+        # get_default_device() honours an enclosing `with torch.device(...)` (meta, cuda).
+        self.register_buffer("freqs", freqs.to(torch.get_default_device()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.freqs.dtype).outer(2 * math.pi * self.freqs)
