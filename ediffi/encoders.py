@@ -21,7 +21,7 @@ from ediffi.conditioning import Cond, CondSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY = "tiny"
-TINY_T5_DIM, TINY_CLIP_WIDTH, TINY_CLIP_EMBED, TINY_CLIP_IMAGE_SIZE = 32, 32, 32, 32
+TINY_T5_DIM = 32
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class EncoderConfig:
 
     t5: str = TINY  # "tiny", or a local path / hub id of a T5 encoder (e.g. google/t5-v1_1-xxl)
     t5_len: int = 128  # T5 tokens kept per prompt (longer prompts are truncated and counted)
-    clip: str = TINY  # "tiny", or an open_clip model name (e.g. "ViT-L-14")
+    clip: str = TINY  # "tiny" (= open_clip config "ediffi-tiny"), or an open_clip model name (e.g. "ViT-L-14")
     clip_pretrained: str | None = None  # open_clip pretrained tag or local checkpoint file
     dtype: str = "float32"  # encoder compute dtype: float32, bfloat16, float16
     seed: int = 0  # init seed of the tiny encoders (must agree between precompute and generation)
@@ -80,21 +80,13 @@ def _real_t5(name_or_path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     return model, tok
 
 
-def _tiny_clip() -> nn.Module:
-    vision = open_clip.CLIPVisionCfg(
-        layers=2,
-        width=TINY_CLIP_WIDTH,
-        head_width=16,
-        patch_size=8,
-        image_size=TINY_CLIP_IMAGE_SIZE,
-    )
-    text = open_clip.CLIPTextCfg(
-        context_length=77, vocab_size=49408, width=TINY_CLIP_WIDTH, heads=2, layers=2
-    )
-    return open_clip.CLIP(embed_dim=TINY_CLIP_EMBED, vision_cfg=vision, text_cfg=text)
+# The tiny CLIP is an ordinary open_clip model config shipped with ediffi, so it is built and
+# loaded (e.g. clip="ediffi-tiny", clip_pretrained="weights.safetensors") like any real one.
+open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+TINY_CLIP = "ediffi-tiny"
 
 
-def _real_clip(name: str, pretrained: str | None) -> nn.Module:
+def _clip(name: str, pretrained: str | None) -> nn.Module:
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
         raise ValueError(f"CLIP checkpoint file {pretrained!r} not found")
     try:
@@ -115,10 +107,9 @@ class ConditioningEncoder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.t5, self.t5_tokenizer = _tiny_t5() if cfg.t5 == TINY else _real_t5(cfg.t5, dtype)
-            self.clip = (
-                _tiny_clip() if cfg.clip == TINY else _real_clip(cfg.clip, cfg.clip_pretrained)
-            )
-        self.clip_tokenizer = open_clip.get_tokenizer("ViT-L-14" if cfg.clip == TINY else cfg.clip)
+            clip_name = TINY_CLIP if cfg.clip == TINY else cfg.clip
+            self.clip = _clip(clip_name, cfg.clip_pretrained)
+        self.clip_tokenizer = open_clip.get_tokenizer(clip_name)
         if not hasattr(self.clip_tokenizer, "encode"):
             raise ValueError(
                 f"CLIP model {cfg.clip!r}: only BPE-tokenized CLIP models are supported"

@@ -65,3 +65,21 @@ def test_bad_encoder_settings_are_clear_errors(tmp_path):
         EncoderConfig(dtype="int8")
     with pytest.raises(TypeError, match="list of prompts"):
         ConditioningEncoder(EncoderConfig()).encode("one string")
+
+
+def test_clip_loads_weights_from_a_local_safetensors_file(tmp_path, enc):
+    from safetensors.torch import save_file
+
+    other = ConditioningEncoder(EncoderConfig(seed=5))
+    save_file(
+        {k: v.contiguous() for k, v in other.clip.state_dict().items()},
+        str(tmp_path / "clip.safetensors"),
+    )
+    loaded = ConditioningEncoder(
+        EncoderConfig(clip="ediffi-tiny", clip_pretrained=str(tmp_path / "clip.safetensors"))
+    )
+    a, _ = other.encode(PROMPTS)
+    b, _ = loaded.encode(PROMPTS)
+    c, _ = enc.encode(PROMPTS)
+    torch.testing.assert_close(b.clip, a.clip)
+    assert not torch.allclose(b.clip, c.clip)  # the file's weights, not the seed's
