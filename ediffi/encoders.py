@@ -8,7 +8,7 @@ and the demo never download anything; the same seed gives the same encoder in ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -51,11 +51,13 @@ class EncodeStats:
     prompts: int = 0
     t5_truncated: int = 0  # prompts longer than t5_len tokens
     clip_truncated: int = 0  # prompts longer than CLIP's context
+    truncated_rows: list[bool] = field(default_factory=list)  # per prompt: truncated by either encoder
 
     def __iadd__(self, other: EncodeStats) -> EncodeStats:
         self.prompts += other.prompts
         self.t5_truncated += other.t5_truncated
         self.clip_truncated += other.clip_truncated
+        self.truncated_rows += other.truncated_rows
         return self
 
 
@@ -134,11 +136,11 @@ class ConditioningEncoder(nn.Module):
         return self.clip.token_embedding.weight.device
 
     @torch.no_grad()
-    def encode_t5(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """T5 token embeddings [B, t5_len, d], mask [B, t5_len], and how many prompts were truncated."""
+    def encode_t5(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """T5 token embeddings [B, t5_len, d], mask [B, t5_len], and which prompts were truncated."""
         L = self.cfg.t5_len
         full = self.t5_tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        truncated = sum(len(ids) > L for ids in full)
+        truncated = [len(ids) > L for ids in full]
         enc = self.t5_tokenizer(
             prompts, padding="max_length", max_length=L, truncation=True, return_tensors="pt"
         )
@@ -149,10 +151,10 @@ class ConditioningEncoder(nn.Module):
     @torch.no_grad()
     def encode_clip_text(
         self, prompts: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """CLIP text tokens [B, 77, w], their mask, the pooled text embedding, and truncations."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
+        """CLIP text tokens [B, 77, w], their mask, the pooled text embedding, and which were truncated."""
         L = self.clip.context_length
-        truncated = sum(len(self.clip_tokenizer.encode(p)) + 2 > L for p in prompts)
+        truncated = [len(self.clip_tokenizer.encode(p)) + 2 > L for p in prompts]
         ids = self.clip_tokenizer(prompts).to(self.device)
         m = self.clip
         dtype = m.token_embedding.weight.dtype
@@ -214,4 +216,5 @@ class ConditioningEncoder(nn.Module):
             clip_image=clip_image,
             clip_image_mask=image_mask,
         )
-        return cond, EncodeStats(prompts=B, t5_truncated=n_t5, clip_truncated=n_clip)
+        rows = [a or b for a, b in zip(n_t5, n_clip, strict=True)]
+        return cond, EncodeStats(B, sum(n_t5), sum(n_clip), rows)

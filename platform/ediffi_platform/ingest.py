@@ -1,0 +1,155 @@
+"""Reading image-text Parquet shards: schema checks, decoding, resizing, filtering with counted drops."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem
+
+DROP_REASONS = (
+    "empty_caption",
+    "missing_image",
+    "decode_error",
+    "too_large",
+    "too_small",
+    "bad_aspect",
+)
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where the image-text shards are and what their columns are called (img2dataset defaults)."""
+
+    path: str = (
+        "data/synthetic"  # folder of .parquet files, a glob, one file, or s3:// of any of these
+    )
+    image_column: str = "jpg"  # encoded image bytes (JPEG, PNG or WebP)
+    caption_column: str = "caption"  # text
+    key_column: str = "key"  # unique id of a row
+    keep_columns: tuple[str, ...] = ()  # extra string columns copied to the output (e.g. labels)
+
+
+@dataclass(frozen=True)
+class ImageFilter:
+    """Target size and the filters applied before resizing."""
+
+    resolution: int = 32  # output side: shorter side resized to this, then center-cropped
+    min_size: int = 0  # drop images whose shorter side is below this (0 = keep all)
+    max_aspect: float = 2.0  # drop images whose long/short side ratio is above this
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+        if self.max_aspect < 1.0:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+
+
+def list_shards(path: str, storage: StorageConfig = StorageConfig()) -> list[str]:
+    """Input shard paths (inside their filesystem), sorted; an empty match is an error."""
+    fs, p = filesystem(path, storage)
+    if any(c in p for c in "*?["):
+        files = fs.glob(p)
+    elif fs.isdir(p):
+        files = [f for f in fs.find(p) if f.endswith(".parquet")]
+    elif fs.isfile(p):
+        files = [p]
+    else:
+        raise FileNotFoundError(f"input path {path} does not exist")
+    files = sorted(f for f in files if not f.rsplit("/", 1)[-1].startswith(("_", ".")))
+    if not files:
+        raise FileNotFoundError(f"no .parquet shards found at {path}")
+    return files
+
+
+def shard_name(path: str) -> str:
+    """The shard's file name without directory and .parquet suffix (names its output)."""
+    name = path.rsplit("/", 1)[-1]
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
+def check_schema(path: str, cfg: InputConfig, storage: StorageConfig = StorageConfig()) -> int:
+    """Check a shard's columns and types from its footer; returns its row count."""
+    fs, _ = filesystem(cfg.path, storage)
+    try:
+        md = pq.ParquetFile(path, filesystem=arrow_filesystem(fs)).metadata
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+    schema = md.schema.to_arrow_schema()
+    want = {
+        cfg.image_column: (pa.binary(), pa.large_binary()),
+        cfg.caption_column: (pa.string(), pa.large_string()),
+        cfg.key_column: (pa.string(), pa.large_string()),
+        **{c: (pa.string(), pa.large_string()) for c in cfg.keep_columns},
+    }
+    for col, types in want.items():
+        if col not in schema.names:
+            raise ValueError(
+                f"{path}: column {col!r} not found (columns: {schema.names}); set input.*_column"
+            )
+        if schema.field(col).type not in types:
+            raise ValueError(
+                f"{path}: column {col!r} has type {schema.field(col).type}, expected {' or '.join(map(str, types))}"
+            )
+    return md.num_rows
+
+
+def decode_image(data: bytes | None, f: ImageFilter) -> tuple[np.ndarray | None, str | None]:
+    """RGB uint8 [R, R, 3] (shorter side resized, center-cropped), or (None, drop reason)."""
+    if not data:
+        return None, "missing_image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except Exception:
+        return None, "decode_error"
+    w, h = img.size
+    if min(w, h) < max(f.min_size, 1):
+        return None, "too_small"
+    if max(w, h) / min(w, h) > f.max_aspect:
+        return None, "bad_aspect"
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(
+            Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA")
+        )
+    img = img.convert("RGB")
+    s = f.resolution / min(w, h)
+    nw, nh = max(f.resolution, round(w * s)), max(f.resolution, round(h * s))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - f.resolution) // 2, (nh - f.resolution) // 2
+    img = img.crop((left, top, left + f.resolution, top + f.resolution))
+    return np.asarray(img, dtype=np.uint8), None
+
+
+def decode_batch(table: pa.Table, cfg: InputConfig, filt: ImageFilter) -> pa.Table:
+    """Ray Data stage: decode a batch; every input row comes out, dropped ones with a reason."""
+    keys = table.column(cfg.key_column).to_pylist()
+    captions = table.column(cfg.caption_column).to_pylist()
+    blobs = table.column(cfg.image_column).to_pylist()
+    images, reasons = [], []
+    for cap, blob in zip(captions, blobs, strict=True):
+        if cap is None or not cap.strip():
+            img, why = None, "empty_caption"
+        else:
+            img, why = decode_image(blob, filt)
+        images.append(None if img is None else img.tobytes())
+        reasons.append(why or "")
+    out = {
+        "key": pa.array(keys, pa.string()),
+        "caption": pa.array([c or "" for c in captions], pa.string()),
+        "image": pa.array(images, pa.large_binary()),
+        "drop_reason": pa.array(reasons, pa.string()),
+        "shard": pa.array([shard_name(p) for p in table.column("path").to_pylist()], pa.string()),
+    }
+    out.update({c: table.column(c).cast(pa.string()) for c in cfg.keep_columns})
+    return pa.table(out)

@@ -1,0 +1,322 @@
+"""Ray Data: image-text Parquet shards -> embedding shards, resumable shard by shard.
+
+    read (Parquet, include_paths) -> decode (CPU tasks) -> Embedder (actor pool, encoders loaded
+    once) -> write parts (CPU tasks) -> driver: mark each input shard done once all its rows
+    are accounted for, then write the manifest.
+
+Output layout, per input shard `NAME.parquet`:
+    {output}/NAME/part-<content hash>.parquet   embedding rows (see shards.py)
+    {output}/NAME/_SUCCESS.json                 counts; present only when the shard is complete
+    {output}/manifest.json                      totals, encoders, schema (rewritten each run)
+A re-run skips shards with _SUCCESS.json and clears any partial output of the others first, so an
+interrupted job, run again, ends with every row exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from ediffi.conditioning import cond_to_numpy
+from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi_platform.config import to_dict
+from ediffi_platform.ingest import (
+    DROP_REASONS,
+    ImageFilter,
+    InputConfig,
+    check_schema,
+    decode_batch,
+    list_shards,
+    shard_name,
+)
+from ediffi_platform.shards import ShardMeta, build_table, read_meta
+from ediffi_platform.storage import (
+    StorageConfig,
+    arrow_filesystem,
+    filesystem,
+    join,
+    read_json,
+    write_json,
+)
+
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS.json"
+MANIFEST_FORMAT = "ediffi-embeddings"
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """The embedding precompute job."""
+
+    input: InputConfig = field(default_factory=InputConfig)  # where the image-text shards are
+    output: str = "data/embeddings"  # folder or s3:// prefix for embedding shards
+    image: ImageFilter = field(default_factory=ImageFilter)  # resolution and filters
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)  # T5 / CLIP and their dtype
+    encode_images: bool = True  # also store the CLIP image embedding of each image
+    storage_dtype: str = "float16"  # dtype of stored embeddings: float16 or float32
+    batch_size: int = 64  # rows per encoder batch
+    concurrency: int = 1  # embedding actors
+    num_gpus: float = 0.0  # GPUs per embedding actor (0 on CPU machines)
+    num_cpus: float = (
+        0.5  # CPUs per embedding actor (fractional keeps small clusters from stalling)
+    )
+    storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
+    ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError(
+                f"batch_size and concurrency must be >= 1, got {self.batch_size}, {self.concurrency}"
+            )
+        if self.storage_dtype not in ("float16", "float32"):
+            raise ValueError(
+                f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}"
+            )
+
+
+class Embedder:
+    """Ray Data callable class: encoders loaded once per actor; encodes the kept rows of a batch."""
+
+    def __init__(self, cfg: PrecomputeConfig):
+        self.cfg = cfg
+        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.encoder = ConditioningEncoder(cfg.encoders).to(self.device)
+        self.meta = ShardMeta(self.encoder.spec, cfg.image.resolution, cfg.storage_dtype)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keep = np.asarray(batch.column("drop_reason").to_pylist()) == ""
+        idx = np.flatnonzero(keep)
+        R = self.cfg.image.resolution
+        extra = {c: batch.column(c) for c in self.cfg.input.keep_columns}
+        columns: dict = {
+            "key": batch.column("key").take(idx),
+            "caption": batch.column("caption").take(idx),
+        }
+        if len(idx):
+            blobs = batch.column("image").take(idx).to_pylist()
+            images = np.stack([np.frombuffer(b, np.uint8).reshape(R, R, 3) for b in blobs])
+            prompts = columns["caption"].to_pylist()
+            pixels = (
+                torch.from_numpy(images).permute(0, 3, 1, 2) if self.cfg.encode_images else None
+            )
+            cond, stats = self.encoder.encode(prompts, pixels)
+            columns.update(image=images, **cond_to_numpy(cond, self.cfg.storage_dtype))
+            truncated = stats.truncated_rows
+        else:
+            layout = self.meta.layout()
+            columns.update({k: np.zeros((0, *s), d) for k, (s, d) in layout.items()})
+            truncated = []
+        columns.update({c: v.take(idx) for c, v in extra.items()})
+        kept = build_table(self.meta, columns)
+        # Pass the batch's bookkeeping on to the writer alongside the kept rows.
+        kept = kept.append_column("shard", batch.column("shard").take(idx))
+        kept = kept.append_column("truncated", pa.array(truncated, pa.bool_()))
+        dropped = batch.filter(pa.array(~keep)).select(["shard", "drop_reason"])
+        return _pack(kept, dropped)
+
+
+def _pack(kept: pa.Table, dropped: pa.Table) -> pa.Table:
+    """Kept rows plus one row per dropped input (tensor columns null), in one table."""
+    kept = kept.append_column("drop_reason", pa.array([""] * kept.num_rows, pa.string()))
+    if dropped.num_rows == 0:
+        return kept
+    fill = {
+        n: pa.nulls(dropped.num_rows, kept.schema.field(n).type)
+        for n in kept.schema.names
+        if n not in dropped.schema.names
+    }
+    dropped = pa.table(
+        {**fill, "shard": dropped.column("shard"), "drop_reason": dropped.column("drop_reason")}
+    )
+    return pa.concat_tables([kept, dropped.select(kept.schema.names).cast(kept.schema)])
+
+
+def write_parts(batch: pa.Table, output: str, storage: StorageConfig) -> pa.Table:
+    """Ray Data stage: write each shard's kept rows as one part file; return one stats row per shard."""
+    fs, root = filesystem(output, storage)
+    afs = arrow_filesystem(fs)
+    meta_schema = batch.schema
+    stats = {"shard": [], "rows": [], "written": [], "truncated": [], "dropped": []}
+    for shard in sorted(set(batch.column("shard").to_pylist())):
+        rows = batch.filter(pa.compute.equal(batch.column("shard"), shard))
+        ok = pa.compute.equal(rows.column("drop_reason"), "")
+        kept = rows.filter(ok).drop_columns(["shard", "drop_reason", "truncated"])
+        reasons = Counter(rows.filter(pa.compute.invert(ok)).column("drop_reason").to_pylist())
+        if kept.num_rows:
+            digest = hashlib.sha1("\n".join(rows.column("key").to_pylist()).encode()).hexdigest()[
+                :16
+            ]
+            fs.makedirs(join(root, shard), exist_ok=True)
+            kept = kept.replace_schema_metadata(meta_schema.metadata)
+            pq.write_table(kept, join(root, shard, f"part-{digest}.parquet"), filesystem=afs)
+        stats["shard"].append(shard)
+        stats["rows"].append(rows.num_rows)
+        stats["written"].append(kept.num_rows)
+        stats["truncated"].append(
+            int(pa.compute.sum(rows.filter(ok).column("truncated")).as_py() or 0)
+        )
+        stats["dropped"].append(json.dumps(dict(reasons)))
+    return pa.table(stats)
+
+
+def _empty_stats() -> dict:
+    return {
+        "rows_read": 0,
+        "decoded": 0,
+        "written": 0,
+        "truncated_prompts": 0,
+        "dropped": dict.fromkeys(DROP_REASONS, 0),
+    }
+
+
+def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
+    """Run the job (Ray must be initialised) and return the manifest it wrote."""
+    t0 = time.time()
+    in_fs, _ = filesystem(cfg.input.path, cfg.storage)
+    out_fs, out_root = filesystem(cfg.output, cfg.storage)
+    shards = list_shards(cfg.input.path, cfg.storage)
+    expected = {shard_name(p): check_schema(p, cfg.input, cfg.storage) for p in shards}
+    if len(expected) != len(shards):
+        raise ValueError("input shards must have distinct file names (they name the output shards)")
+    _check_output_compatible(out_fs, out_root, cfg)
+
+    done = {s for s in expected if out_fs.exists(join(out_root, s, SUCCESS))}
+    pending = [p for p in shards if shard_name(p) not in done]
+    for p in pending:  # clear partial output of an interrupted run
+        d = join(out_root, shard_name(p))
+        if out_fs.exists(d):
+            out_fs.rm(d, recursive=True)
+    progress(
+        f"precompute: {len(shards)} input shards, {len(done)} already done, {len(pending)} to do"
+    )
+
+    if pending:
+        columns = [
+            cfg.input.key_column,
+            cfg.input.caption_column,
+            cfg.input.image_column,
+            *cfg.input.keep_columns,
+        ]
+        ds = ray.data.read_parquet(
+            pending,
+            filesystem=arrow_filesystem(in_fs),
+            columns=columns,
+            include_paths=True,
+            override_num_blocks=len(pending),
+        )
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={"cfg": cfg.input, "filt": cfg.image},
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+        )
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+            num_gpus=cfg.num_gpus or None,
+            num_cpus=cfg.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        )
+        ds = ds.map_batches(
+            write_parts,
+            fn_kwargs={"output": cfg.output, "storage": cfg.storage},
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.25,
+        )
+        seen: dict[str, dict] = {}
+        for row in ds.iter_rows():
+            s = seen.setdefault(row["shard"], _empty_stats())
+            s["rows_read"] += row["rows"]
+            s["written"] += row["written"]
+            s["truncated_prompts"] += row["truncated"]
+            for reason, n in json.loads(row["dropped"]).items():
+                s["dropped"][reason] += n
+            if s["rows_read"] == expected[row["shard"]]:
+                s["decoded"] = s["rows_read"] - sum(
+                    s["dropped"][r]
+                    for r in ("empty_caption", "missing_image", "decode_error", "too_large")
+                )
+                write_json(out_fs, join(out_root, row["shard"], SUCCESS), s)
+                done.add(row["shard"])
+                progress(
+                    f"precompute: shard {row['shard']} done ({s['written']}/{s['rows_read']} rows kept); "
+                    f"{len(done)}/{len(shards)} shards, {time.time() - t0:.0f}s"
+                )
+        missing = sorted(set(expected) - done)
+        if missing:
+            raise RuntimeError(
+                f"shards not fully processed: {missing[:5]} (row counts did not add up)"
+            )
+    return _write_manifest(out_fs, out_root, cfg, sorted(expected), time.time() - t0, progress)
+
+
+def _check_output_compatible(fs, root: str, cfg: PrecomputeConfig) -> None:
+    path = join(root, MANIFEST)
+    if not fs.exists(path):
+        return
+    old = read_json(fs, path)
+    for key, now in (
+        ("encoders", to_dict(cfg.encoders)),
+        ("resolution", cfg.image.resolution),
+        ("storage_dtype", cfg.storage_dtype),
+        ("encode_images", cfg.encode_images),
+    ):
+        if old.get(key) != now:
+            raise ValueError(
+                f"{cfg.output} holds embeddings made with {key}={old.get(key)!r}, this run has "
+                f"{key}={now!r}: use a new output folder"
+            )
+
+
+def _first_meta(fs, root: str, names: list[str]) -> dict | None:
+    """The layout recorded in the first part file (None when no row was kept anywhere)."""
+    afs = arrow_filesystem(fs)
+    for n in names:
+        parts = sorted(fs.glob(join(root, n, "part-*.parquet")))
+        if parts:
+            return json.loads(
+                read_meta(pq.read_schema(parts[0], filesystem=afs), parts[0]).to_json()
+            )
+    return None
+
+
+def _write_manifest(
+    fs, root: str, cfg: PrecomputeConfig, names: list[str], seconds: float, progress
+) -> dict:
+    per_shard = {n: read_json(fs, join(root, n, SUCCESS)) for n in names}
+    totals = _empty_stats()
+    for s in per_shard.values():
+        for k in ("rows_read", "decoded", "written", "truncated_prompts"):
+            totals[k] += s[k]
+        for r, n in s["dropped"].items():
+            totals["dropped"][r] = totals["dropped"].get(r, 0) + n
+    doc = {
+        "format": MANIFEST_FORMAT,
+        "meta": _first_meta(fs, root, names),
+        "encoders": to_dict(cfg.encoders),
+        "resolution": cfg.image.resolution,
+        "storage_dtype": cfg.storage_dtype,
+        "encode_images": cfg.encode_images,
+        "input": cfg.input.path,
+        "totals": totals,
+        "shards": per_shard,
+        "seconds_last_run": round(seconds, 2),
+    }
+    write_json(fs, join(root, MANIFEST), doc)
+    progress(
+        f"precompute: {totals['written']}/{totals['rows_read']} rows written, dropped {totals['dropped']}, "
+        f"manifest {join(cfg.output, MANIFEST)}"
+    )
+    return doc
