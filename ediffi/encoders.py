@@ -51,7 +51,9 @@ class EncodeStats:
     prompts: int = 0
     t5_truncated: int = 0  # prompts longer than t5_len tokens
     clip_truncated: int = 0  # prompts longer than CLIP's context
-    truncated_rows: list[bool] = field(default_factory=list)  # per prompt: truncated by either encoder
+    truncated_rows: list[bool] = field(
+        default_factory=list
+    )  # per prompt: truncated by either encoder
 
     def __iadd__(self, other: EncodeStats) -> EncodeStats:
         self.prompts += other.prompts

@@ -58,3 +58,22 @@ def tiny_cfg():
 @pytest.fixture
 def tiny_D(tiny_cfg):
     return randomize(build_denoiser(tiny_cfg), seed=1).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private 2-CPU local Ray cluster for the whole session (never someone else's)."""
+    import os
+    import shutil
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False
+    )
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)

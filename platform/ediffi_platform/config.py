@@ -128,3 +128,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
                 raise ConfigError(f"override {text!r}: {k!r} is not a section")
         node[keys[-1]] = value
     return from_dict(cls, data)
+
+
+def job_config(cls: type[T], argv: list[str] | None, description: str) -> T:
+    """`--config FILE key.path=value ...` -> a validated `cls`; errors exit with the message."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", help="YAML file with the job's settings (defaults apply to missing keys)"
+    )
+    p.add_argument("overrides", nargs="*", help="key.path=value settings applied after the file")
+    a = p.parse_args(argv)
+    try:
+        return load_config(cls, a.config, a.overrides)
+    except ConfigError as e:
+        p.error(str(e))

@@ -120,7 +120,7 @@ class Embedder:
         # Pass the batch's bookkeeping on to the writer alongside the kept rows.
         kept = kept.append_column("shard", batch.column("shard").take(idx))
         kept = kept.append_column("truncated", pa.array(truncated, pa.bool_()))
-        dropped = batch.filter(pa.array(~keep)).select(["shard", "drop_reason"])
+        dropped = batch.filter(pa.array(~keep)).select(["key", "shard", "drop_reason"])
         return _pack(kept, dropped)
 
 
@@ -134,9 +134,7 @@ def _pack(kept: pa.Table, dropped: pa.Table) -> pa.Table:
         for n in kept.schema.names
         if n not in dropped.schema.names
     }
-    dropped = pa.table(
-        {**fill, "shard": dropped.column("shard"), "drop_reason": dropped.column("drop_reason")}
-    )
+    dropped = pa.table({**fill, **{c: dropped.column(c) for c in dropped.schema.names}})
     return pa.concat_tables([kept, dropped.select(kept.schema.names).cast(kept.schema)])
 
 
@@ -209,10 +207,9 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
         ds = ray.data.read_parquet(
             pending,
             filesystem=arrow_filesystem(in_fs),
-            columns=columns,
             include_paths=True,
             override_num_blocks=len(pending),
-        )
+        ).select_columns([*columns, "path"])
         ds = ds.map_batches(
             decode_batch,
             fn_kwargs={"cfg": cfg.input, "filt": cfg.image},

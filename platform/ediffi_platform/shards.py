@@ -62,8 +62,8 @@ class ShardMeta:
 def tensor_column(arr: np.ndarray) -> pa.LargeBinaryArray:
     """Rows of a contiguous array as one binary value each (no per-row Python copies)."""
     n = arr.shape[0]
-    data = np.ascontiguousarray(arr).reshape(n, -1).view(np.uint8)
-    row = data.shape[1]
+    row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+    data = np.ascontiguousarray(arr).view(np.uint8).reshape(n, row)
     offsets = np.arange(n + 1, dtype=np.int64) * row
     return pa.Array.from_buffers(
         pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]

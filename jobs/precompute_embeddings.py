@@ -1,0 +1,24 @@
+"""Image-text Parquet shards -> embedding shards (Ray Data). Resumable: re-run to continue.
+
+python jobs/precompute_embeddings.py --config configs/precompute_demo.yaml
+ray job submit --working-dir . -- python jobs/precompute_embeddings.py --config CONFIG output=s3://bucket/emb
+"""
+
+import json
+import sys
+
+from ediffi_platform.cluster import ensure_ray
+from ediffi_platform.config import job_config
+from ediffi_platform.precompute import PrecomputeConfig, run_precompute
+
+
+def main(argv=None) -> int:
+    cfg = job_config(PrecomputeConfig, argv, __doc__)
+    ensure_ray(cfg.ray_address)
+    manifest = run_precompute(cfg)
+    print(json.dumps(manifest["totals"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

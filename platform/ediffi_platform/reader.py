@@ -1,0 +1,105 @@
+"""The training-side reader of embedding shards: a Ray Dataset, or a plain single-process iterator."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from ediffi.conditioning import Cond
+from ediffi_platform.precompute import MANIFEST, SUCCESS
+from ediffi_platform.shards import ShardMeta, read_meta, to_tensors
+from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join, read_json
+
+
+def shard_files(
+    root_url: str, storage: StorageConfig = StorageConfig()
+) -> tuple[list[str], ShardMeta]:
+    """Part files of every completed shard under an embedding folder, and their common layout."""
+    fs, root = filesystem(root_url, storage)
+    if not fs.exists(join(root, MANIFEST)):
+        raise FileNotFoundError(
+            f"{root_url}: no {MANIFEST}; run jobs/precompute_embeddings.py first"
+        )
+    files = []
+    for marker in sorted(fs.glob(join(root, "*", SUCCESS))):
+        files += sorted(fs.glob(join(marker.rsplit("/", 1)[0], "part-*.parquet")))
+    if not files:
+        raise FileNotFoundError(f"{root_url}: no completed embedding shards")
+    meta = read_meta(pq.read_schema(files[0], filesystem=arrow_filesystem(fs)), files[0])
+    doc = read_json(fs, join(root, MANIFEST))
+    if doc.get("meta") and ShardMeta.from_json(json.dumps(doc["meta"])) != meta:
+        raise ValueError(f"{root_url}: {files[0]} disagrees with {MANIFEST} about the layout")
+    return files, meta
+
+
+def iter_batches(
+    root_url: str,
+    batch_size: int,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    storage: StorageConfig = StorageConfig(),
+) -> Iterator[tuple[torch.Tensor, Cond]]:
+    """Single-process: (images in [-1, 1], Cond) batches over all rows once, locally shuffled."""
+    files, meta = shard_files(root_url, storage)
+    afs = arrow_filesystem(filesystem(root_url, storage)[0])
+    rng = random.Random(seed)
+    order = files[:]
+    if shuffle_buffer:
+        rng.shuffle(order)
+    buffer: list[pa.Table] = []
+    rows = 0
+    for f in order:
+        for rb in pq.ParquetFile(f, filesystem=afs).iter_batches(batch_size=batch_size):
+            buffer.append(pa.Table.from_batches([rb]))
+            rows += rb.num_rows
+            while rows >= max(batch_size, shuffle_buffer):
+                table, buffer, rows = _take(buffer, batch_size, rng if shuffle_buffer else None)
+                yield to_tensors(table, meta)
+    while rows:
+        table, buffer, rows = _take(buffer, batch_size, rng if shuffle_buffer else None)
+        yield to_tensors(table, meta)
+
+
+def _take(
+    buffer: list[pa.Table], n: int, rng: random.Random | None
+) -> tuple[pa.Table, list[pa.Table], int]:
+    table = pa.concat_tables(buffer).combine_chunks()
+    if rng is not None:
+        idx = list(range(table.num_rows))
+        rng.shuffle(idx)
+        table = table.take(idx)
+    n = min(n, table.num_rows)
+    rest = table.slice(n)
+    return table.slice(0, n), ([rest] if rest.num_rows else []), rest.num_rows
+
+
+def ray_dataset(
+    root_url: str, storage: StorageConfig = StorageConfig()
+) -> tuple[ray.data.Dataset, ShardMeta]:
+    """A Ray Dataset over the embedding rows (for `ray.train.get_dataset_shard`), and their layout."""
+    files, meta = shard_files(root_url, storage)
+    afs = arrow_filesystem(filesystem(root_url, storage)[0])
+    return ray.data.read_parquet(files, filesystem=afs, override_num_blocks=len(files)), meta
+
+
+def iter_torch(
+    it: ray.data.DataIterator | ray.data.Dataset,
+    meta: ShardMeta,
+    batch_size: int,
+    shuffle_buffer: int = 0,
+    seed: int | None = None,
+) -> Iterator[tuple[torch.Tensor, Cond]]:
+    """(images, Cond) batches from a Ray dataset or dataset shard, with a local shuffle buffer."""
+    for table in it.iter_batches(
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=seed,
+    ):
+        yield to_tensors(table, meta)

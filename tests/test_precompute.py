@@ -1,0 +1,212 @@
+"""Ray Data precompute on a local 2-CPU cluster: counts, schema, parity, resume, S3, the reader."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi_platform.ingest import ImageFilter, InputConfig
+from ediffi_platform.precompute import PrecomputeConfig, run_precompute
+from ediffi_platform.reader import iter_batches, iter_torch, ray_dataset, shard_files
+from ediffi_platform.shards import to_tensors
+from ediffi_platform.storage import StorageConfig
+from ediffi_platform.synthetic import LABELS, SyntheticConfig, write_synthetic
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _jpeg(w, h):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 10)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+BAD_ROWS = [  # (key, caption, image bytes, expected fate)
+    ("bad0", "a fine green picture", _jpeg(64, 64), "written"),
+    ("bad1", "", _jpeg(64, 64), "empty_caption"),
+    ("bad2", None, _jpeg(64, 64), "empty_caption"),
+    ("bad3", "corrupt", b"\xff\xd8\xff\xe0garbage", "decode_error"),
+    ("bad4", "truncated", _jpeg(300, 300)[:400], "decode_error"),
+    ("bad5", "text bytes", b"just some text", "decode_error"),
+    ("bad6", "no image", None, "missing_image"),
+    ("bad7", "tiny", _jpeg(8, 8), "too_small"),
+    ("bad8", "wide", _jpeg(200, 50), "bad_aspect"),
+]
+
+
+def _inputs(tmp_path, rows=120, shards=3):
+    write_synthetic(SyntheticConfig(output=str(tmp_path / "in"), rows=rows, shards=shards))
+    n = len(BAD_ROWS)
+    pq.write_table(
+        pa.table(
+            {
+                "key": [r[0] for r in BAD_ROWS],
+                "jpg": pa.array([r[2] for r in BAD_ROWS], pa.binary()),
+                "caption": pa.array([r[1] for r in BAD_ROWS], pa.string()),
+                **{k: ["x"] * n for k in LABELS},
+            }
+        ),
+        tmp_path / "in" / "zz_bad.parquet",
+    )
+
+
+def _cfg(tmp_path, **kw):
+    return PrecomputeConfig(
+        input=InputConfig(path=str(tmp_path / "in"), keep_columns=("color", "shape")),
+        output=str(tmp_path / "out"),
+        image=ImageFilter(resolution=32, min_size=16),
+        batch_size=16,
+        concurrency=2,
+        **kw,
+    )
+
+
+def _written_keys(root):
+    files, _ = shard_files(str(root))
+    return sorted(
+        k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()
+    )
+
+
+def test_synthetic_and_bad_rows_to_embedding_shards(tmp_path):
+    _inputs(tmp_path)
+    m = run_precompute(_cfg(tmp_path), progress=lambda *_: None)
+    t = m["totals"]
+    assert t["rows_read"] == 129 and t["written"] == 121
+    assert t["dropped"] == {
+        "empty_caption": 2,
+        "decode_error": 3,
+        "missing_image": 1,
+        "too_small": 1,
+        "bad_aspect": 1,
+        "too_large": 0,
+    }
+    assert t["decoded"] == 129 - 2 - 3 - 1
+    assert m["shards"]["zz_bad"]["written"] == 1 and m["shards"]["00000"]["written"] == 40
+    assert m["meta"]["spec"]["t5_dim"] == 32 and m["meta"]["resolution"] == 32
+    keys = _written_keys(tmp_path / "out")
+    assert len(keys) == len(set(keys)) == 121 and "bad0" in keys and "bad1" not in keys
+
+    # Parity: stored embeddings are the encoder's output for that caption and image (fp16).
+    files, meta = shard_files(str(tmp_path / "out"))
+    table = pq.read_table(files[0])
+    assert set(table.column_names) >= {
+        "key",
+        "caption",
+        "image",
+        "t5",
+        "clip_image",
+        "color",
+        "shape",
+    }
+    images, cond = to_tensors(table.slice(0, 4), meta)
+    enc = ConditioningEncoder(EncoderConfig())
+    pixels = ((images + 1) * 127.5).round().to(torch.uint8)
+    ref, _ = enc.encode(table.column("caption").to_pylist()[:4], pixels)
+    torch.testing.assert_close(cond.t5, ref.t5, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cond.clip_pooled, ref.clip_pooled, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cond.clip_image, ref.clip_image, atol=2e-3, rtol=2e-3)
+    assert torch.equal(cond.clip_mask, ref.clip_mask) and cond.clip_image_mask.all()
+
+    # The readers: single-process and Ray, every row once.
+    n = sum(
+        len(imgs)
+        for imgs, _ in iter_batches(str(tmp_path / "out"), batch_size=32, shuffle_buffer=64)
+    )
+    assert n == 121
+    ds, meta = ray_dataset(str(tmp_path / "out"))
+    batches = list(iter_torch(ds, meta, batch_size=50, shuffle_buffer=100, seed=0))
+    assert sum(len(b[0]) for b in batches) == 121 and batches[0][1].t5.shape[1:] == (128, 32)
+
+
+def test_interrupted_run_resumes_to_exactly_one_copy_of_every_row(tmp_path):
+    _inputs(tmp_path, rows=80, shards=4)
+    cfg = _cfg(tmp_path)
+    run_precompute(cfg, progress=lambda *_: None)
+    out = tmp_path / "out"
+    full = _written_keys(out)
+    # Make it look like a run killed part-way: shard 00001 half-written (no _SUCCESS, a stray
+    # extra part), shard 00002 never started, the others complete.
+    os.remove(out / "00001" / "_SUCCESS.json")
+    part = next((out / "00001").glob("part-*.parquet"))
+    (out / "00001" / "part-stray.parquet").write_bytes(part.read_bytes())
+    for f in (out / "00002").iterdir():
+        f.unlink()
+    (out / "00002").rmdir()
+    done_before = {p: p.stat().st_mtime_ns for p in (out / "00000").glob("part-*")}
+    logs = []
+    m = run_precompute(cfg, progress=logs.append)
+    assert "3 already done, 2 to do" in logs[0]
+    assert {
+        p: p.stat().st_mtime_ns for p in (out / "00000").glob("part-*")
+    } == done_before  # skipped
+    assert _written_keys(out) == full and m["totals"]["written"] == len(full) == 81
+
+
+def test_schema_problems_fail_before_any_work(tmp_path):
+    _inputs(tmp_path, rows=20, shards=1)
+    cfg = _cfg(tmp_path)
+    bad = PrecomputeConfig(
+        **{**cfg.__dict__, "input": InputConfig(path=cfg.input.path, image_column="png")}
+    )
+    with pytest.raises(ValueError, match=r"00000\.parquet: column 'png' not found"):
+        run_precompute(bad, progress=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+    run_precompute(cfg, progress=lambda *_: None)
+    other = PrecomputeConfig(**{**cfg.__dict__, "encoders": EncoderConfig(seed=3)})
+    with pytest.raises(ValueError, match="made with encoders="):
+        run_precompute(other, progress=lambda *_: None)
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3 HTTP API (moto server) on 127.0.0.1 with a bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="ediffi")
+    yield StorageConfig(endpoint_url=endpoint, key="test", secret="test", region="us-east-1")
+    server.stop()
+
+
+def test_s3_input_and_output(s3_server):
+    import s3fs
+
+    storage = s3_server
+    write_synthetic(SyntheticConfig(output="s3://ediffi/in", rows=30, shards=2), storage)
+    cfg = PrecomputeConfig(
+        input=InputConfig(path="s3://ediffi/in"),
+        output="s3://ediffi/emb",
+        batch_size=8,
+        concurrency=1,
+        storage=storage,
+    )
+    m = run_precompute(cfg, progress=lambda *_: None)
+    assert m["totals"]["written"] == 30
+    fs = s3fs.S3FileSystem(
+        key="test", secret="test", client_kwargs={"endpoint_url": storage.endpoint_url}
+    )
+    assert fs.exists("ediffi/emb/manifest.json") and fs.exists("ediffi/emb/00001/_SUCCESS.json")
+    assert json.loads(fs.cat("ediffi/emb/manifest.json"))["totals"]["rows_read"] == 30
+    n = sum(len(imgs) for imgs, _ in iter_batches("s3://ediffi/emb", batch_size=7, storage=storage))
+    assert n == 30
+    again = run_precompute(cfg, progress=lambda *_: None)  # everything already done: nothing redone
+    assert again["totals"] == m["totals"]
