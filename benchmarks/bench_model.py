@@ -54,9 +54,7 @@ class TimedDenoiser:
         return out
 
 
-def bench(
-    name: str, batch: int, steps: int, guidance: float, device: str, dtype: str, repeats: int
-) -> dict:
+def bench(name: str, batch: int, steps: int, guidance: float, device: str, dtype: str, repeats: int) -> dict:
     cfg = get_preset(name)
     R, D = cfg.img_resolution, build_denoiser(cfg, device)
     cond = empty_cond(cfg.cond, batch, device)
@@ -76,9 +74,7 @@ def bench(
     t_fwd = _timed(fwd, device, repeats)
     D.train()
     opt = torch.optim.AdamW(D.parameters(), lr=1e-4)
-    t_train = _timed(
-        lambda: train_step(D, opt, x, cond, dropout=DropoutConfig(), dtype=dtype), device, repeats
-    )
+    t_train = _timed(lambda: train_step(D, opt, x, cond, dropout=DropoutConfig(), dtype=dtype), device, repeats)
     D.eval()
 
     timed = TimedDenoiser(lambda a, b, c: _fwd_autocast(D, a, b, c, device, dtype), device)
@@ -95,8 +91,7 @@ def bench(
         "batch": batch,
         "fwd img/s": batch / t_fwd,
         "train img/s": batch / t_train,
-        f"sample img/s ({steps} steps, {network_evaluations('heun', steps)} NFE, cfg {guidance})": batch
-        / t_sample,
+        f"sample img/s ({steps} steps, {network_evaluations('heun', steps)} NFE, cfg {guidance})": batch / t_sample,
         "outside net %": 100 * (1 - timed.seconds / t_sample),
         "train TFLOP/s": 3 * flops * batch / t_train / 1e12,
     }
@@ -109,14 +104,10 @@ def _fwd_autocast(D, x, sigma, cond, device, dtype):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "demo"])
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument(
-        "--steps", type=int, default=18, help="Karras schedule length for the sampling figure"
-    )
+    p.add_argument("--steps", type=int, default=18, help="Karras schedule length for the sampling figure")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -129,18 +120,12 @@ def main() -> None:
     )
     a = p.parse_args()
     torch.manual_seed(0)
-    print(
-        f"device={a.device} dtype={a.dtype} torch={torch.__version__} threads={torch.get_num_threads()}"
-    )
+    print(f"device={a.device} dtype={a.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
     for name in a.presets:
         row = bench(name, a.batch, a.steps, a.guidance, a.device, a.dtype, a.repeats)
         if a.peak_tflops:
             row["MFU %"] = 100 * row["train TFLOP/s"] / a.peak_tflops
-        print(
-            "  ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-            )
-        )
+        print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
 if __name__ == "__main__":

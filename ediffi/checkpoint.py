@@ -33,9 +33,7 @@ class CheckpointError(ValueError):
 def _state(module_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(module_or_state, EDMPrecond):
         module_or_state = module_or_state.net
-    state = (
-        module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    )
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -74,9 +72,7 @@ def read_config(path: str | Path) -> tuple[UNetConfig, dict]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{f}: not an ediffi checkpoint config (format != {FORMAT!r})")
     if doc.get("version") != VERSION:
-        raise CheckpointError(
-            f"{f}: unsupported checkpoint version {doc.get('version')!r} (expected {VERSION})"
-        )
+        raise CheckpointError(f"{f}: unsupported checkpoint version {doc.get('version')!r} (expected {VERSION})")
     try:
         cfg = UNetConfig.from_dict(doc["network"])
     except (KeyError, TypeError, ValueError) as e:
@@ -101,9 +97,7 @@ def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def _check_matches(
-    file: Path, weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
-) -> None:
+def _check_matches(file: Path, weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
@@ -119,9 +113,7 @@ def _check_matches(
                 f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(weights[k].shape)} vs network "
                 f"{tuple(expected[k].shape)})"
             )
-        raise CheckpointError(
-            f"{file}: does not match the network in config.json: " + "; ".join(parts)
-        )
+        raise CheckpointError(f"{file}: does not match the network in config.json: " + "; ".join(parts))
 
 
 def load_checkpoint(

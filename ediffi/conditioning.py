@@ -98,9 +98,7 @@ class Cond:
         """Apply fn to every present tensor."""
         return Cond(**{k: fn(v) for k, v in self.tensors().items()})
 
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> Cond:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
         """Move to a device; dtype applies to embeddings (masks stay bool)."""
         return Cond(
             **{
@@ -147,14 +145,10 @@ class Cond:
         for name, shape in spec.shapes().items():
             v = getattr(self, name)
             if tuple(v.shape) != (B, *shape):
-                raise ValueError(
-                    f"cond field {name!r} has shape {tuple(v.shape)}, expected {(B, *shape)}"
-                )
+                raise ValueError(f"cond field {name!r} has shape {tuple(v.shape)}, expected {(B, *shape)}")
             is_mask = name in MASK_FIELDS
             if is_mask != (v.dtype == torch.bool):
-                raise ValueError(
-                    f"cond field {name!r} has dtype {v.dtype}, expected {'bool' if is_mask else 'float'}"
-                )
+                raise ValueError(f"cond field {name!r} has dtype {v.dtype}, expected {'bool' if is_mask else 'float'}")
 
 
 def empty_cond(spec: CondSpec, batch: int, device: torch.device | str = "cpu") -> Cond:
@@ -214,9 +208,7 @@ def cond_from_numpy(arrays: dict[str, np.ndarray], spec: CondSpec) -> Cond:
     """Rebuild a float32 Cond from stored arrays; raises naming the first missing or wrong field."""
     missing = [n for n in (*EMBEDDING_FIELDS, *MASK_FIELDS) if n not in arrays]
     if missing:
-        raise ValueError(
-            f"stored conditioning lacks fields {missing}; schema version {SCHEMA_VERSION}"
-        )
+        raise ValueError(f"stored conditioning lacks fields {missing}; schema version {SCHEMA_VERSION}")
     t = {}
     for name in (*EMBEDDING_FIELDS, *MASK_FIELDS):
         a = np.asarray(arrays[name])

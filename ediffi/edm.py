@@ -67,20 +67,14 @@ class NoiseDistribution:
                 f"interval [{self.sigma_lo}, {self.sigma_hi}) holds no probability mass "
                 f"(double precision) under ln(sigma) ~ N({self.P_mean}, {self.P_std}^2)"
             )
-        u = torch.rand(
-            n, generator=generator, dtype=torch.float64, device=generator_device(generator)
-        )
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator_device(generator))
         u = u_lo + (u_hi - u_lo) * u
         # Keep u strictly inside (0, 1) so ndtri stays finite.
         u = u.clamp(min=torch.finfo(torch.float64).tiny, max=1.0 - torch.finfo(torch.float64).eps)
         sigma = torch.exp(self.P_mean + self.P_std * torch.special.ndtri(u))
         # Guard the half-open interval against rounding at its ends.
-        hi = torch.nextafter(
-            torch.tensor(self.sigma_hi, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
-        )
-        sigma = sigma.clamp(
-            min=self.sigma_lo, max=hi.item() if math.isfinite(self.sigma_hi) else None
-        )
+        hi = torch.nextafter(torch.tensor(self.sigma_hi, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+        sigma = sigma.clamp(min=self.sigma_lo, max=hi.item() if math.isfinite(self.sigma_hi) else None)
         return sigma.to(device=device, dtype=torch.float32)
 
 
@@ -127,9 +121,7 @@ class EDMPrecond(nn.Module):
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
         x = x.to(torch.float32)
         F_x = self.net(c_in(sigma, self.sigma_data) * x, c_noise(sigma).flatten(), cond)
-        return c_skip(sigma, self.sigma_data) * x + c_out(sigma, self.sigma_data) * F_x.to(
-            torch.float32
-        )
+        return c_skip(sigma, self.sigma_data) * x + c_out(sigma, self.sigma_data) * F_x.to(torch.float32)
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]

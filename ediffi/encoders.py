@@ -37,9 +37,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(
-                f"EncoderConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"
-            )
+            raise ValueError(f"EncoderConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.t5_len <= 0:
             raise ValueError(f"EncoderConfig.t5_len must be positive, got {self.t5_len}")
 
@@ -51,9 +49,7 @@ class EncodeStats:
     prompts: int = 0
     t5_truncated: int = 0  # prompts longer than t5_len tokens
     clip_truncated: int = 0  # prompts longer than CLIP's context
-    truncated_rows: list[bool] = field(
-        default_factory=list
-    )  # per prompt: truncated by either encoder
+    truncated_rows: list[bool] = field(default_factory=list)  # per prompt: truncated by either encoder
 
     def __iadd__(self, other: EncodeStats) -> EncodeStats:
         self.prompts += other.prompts
@@ -67,9 +63,7 @@ def _tiny_t5() -> tuple[nn.Module, object]:
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     tok = ByT5Tokenizer()
-    cfg = T5Config(
-        vocab_size=len(tok), d_model=TINY_T5_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2
-    )
+    cfg = T5Config(vocab_size=len(tok), d_model=TINY_T5_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
     return T5EncoderModel(cfg), tok
 
 
@@ -96,9 +90,7 @@ def _clip(name: str, pretrained: str | None) -> nn.Module:
     try:
         return open_clip.create_model(name, pretrained=pretrained)
     except (RuntimeError, ValueError, OSError) as e:
-        raise ValueError(
-            f"cannot build CLIP model {name!r} (pretrained={pretrained!r}): {e}"
-        ) from None
+        raise ValueError(f"cannot build CLIP model {name!r} (pretrained={pretrained!r}): {e}") from None
 
 
 class ConditioningEncoder(nn.Module):
@@ -115,14 +107,10 @@ class ConditioningEncoder(nn.Module):
             self.clip = _clip(clip_name, cfg.clip_pretrained)
         self.clip_tokenizer = open_clip.get_tokenizer(clip_name)
         if not hasattr(self.clip_tokenizer, "encode"):
-            raise ValueError(
-                f"CLIP model {cfg.clip!r}: only BPE-tokenized CLIP models are supported"
-            )
+            raise ValueError(f"CLIP model {cfg.clip!r}: only BPE-tokenized CLIP models are supported")
         self.t5.to(dtype).eval().requires_grad_(False)
         self.clip.to(dtype).eval().requires_grad_(False)
-        self.image_size = (
-            self.clip.visual.image_size[0] if hasattr(self.clip.visual, "image_size") else 224
-        )
+        self.image_size = self.clip.visual.image_size[0] if hasattr(self.clip.visual, "image_size") else 224
         self.spec = CondSpec(
             t5_len=cfg.t5_len,
             t5_dim=self.t5.config.d_model,
@@ -143,17 +131,13 @@ class ConditioningEncoder(nn.Module):
         L = self.cfg.t5_len
         full = self.t5_tokenizer(prompts, add_special_tokens=True)["input_ids"]
         truncated = [len(ids) > L for ids in full]
-        enc = self.t5_tokenizer(
-            prompts, padding="max_length", max_length=L, truncation=True, return_tensors="pt"
-        )
+        enc = self.t5_tokenizer(prompts, padding="max_length", max_length=L, truncation=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
         h = self.t5(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return h.float() * mask[..., None], mask, truncated
 
     @torch.no_grad()
-    def encode_clip_text(
-        self, prompts: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
+    def encode_clip_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
         """CLIP text tokens [B, 77, w], their mask, the pooled text embedding, and which were truncated."""
         L = self.clip.context_length
         truncated = [len(self.clip_tokenizer.encode(p)) + 2 > L for p in prompts]
@@ -164,11 +148,7 @@ class ConditioningEncoder(nn.Module):
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
         eot = ids.argmax(dim=-1)  # the end-of-text token has the largest id
         pooled = x[torch.arange(len(ids), device=ids.device), eot]
-        pooled = (
-            m.text_projection(pooled)
-            if isinstance(m.text_projection, nn.Linear)
-            else pooled @ m.text_projection
-        )
+        pooled = m.text_projection(pooled) if isinstance(m.text_projection, nn.Linear) else pooled @ m.text_projection
         mask = torch.arange(L, device=ids.device)[None] <= eot[:, None]
         return x.float() * mask[..., None], mask, pooled.float(), truncated
 
@@ -192,9 +172,7 @@ class ConditioningEncoder(nn.Module):
         return self.clip.encode_image(((x - mean) / std).to(dtype)).float()
 
     @torch.no_grad()
-    def encode(
-        self, prompts: list[str], images: torch.Tensor | None = None
-    ) -> tuple[Cond, EncodeStats]:
+    def encode(self, prompts: list[str], images: torch.Tensor | None = None) -> tuple[Cond, EncodeStats]:
         """The full conditioning for prompts; without images the image embedding is absent."""
         if isinstance(prompts, str):
             raise TypeError("encode() takes a list of prompts, not a single string")

@@ -43,9 +43,7 @@ def intervals_from_boundaries(boundaries: Sequence[float]) -> list[Interval]:
     """[0, b1), [b1, b2), ..., [bn, inf) from strictly increasing inner boundaries."""
     b = [0.0, *map(float, boundaries), math.inf]
     if any(x >= y for x, y in itertools.pairwise(b)):
-        raise ValueError(
-            f"sigma boundaries must be positive and strictly increasing, got {list(boundaries)}"
-        )
+        raise ValueError(f"sigma boundaries must be positive and strictly increasing, got {list(boundaries)}")
     return [Interval(lo, hi) for lo, hi in itertools.pairwise(b)]
 
 
@@ -86,9 +84,7 @@ class ExpertEnsemble:
 
     def __init__(self, experts: Sequence[Denoiser], intervals: Sequence[Interval]):
         if len(experts) != len(intervals) or not experts:
-            raise ValueError(
-                f"need one interval per expert, got {len(experts)} experts, {len(intervals)} intervals"
-            )
+            raise ValueError(f"need one interval per expert, got {len(experts)} experts, {len(intervals)} intervals")
         check_coverage(intervals)
         self.experts = list(experts)
         self.intervals = list(intervals)
@@ -126,9 +122,7 @@ def check_coverage(intervals: Sequence[Interval]) -> None:
     for a, b in itertools.pairwise(intervals):
         if a.hi != b.lo:
             kind = "gap" if a.hi < b.lo else "overlap"
-            raise ValueError(
-                f"expert intervals have a {kind} between [{a.lo}, {a.hi}) and [{b.lo}, {b.hi})"
-            )
+            raise ValueError(f"expert intervals have a {kind} between [{a.lo}, {a.hi}) and [{b.lo}, {b.hi})")
 
 
 # --- manifest ----------------------------------------------------------------------------------
@@ -195,9 +189,7 @@ def read_manifest(path: str | Path) -> tuple[list[Interval], list[Path], dict]:
     return intervals, checkpoints, doc.get("metadata", {})
 
 
-def load_ensemble(
-    path: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
-) -> ExpertEnsemble:
+def load_ensemble(path: str | Path, use_ema: bool = True, device: torch.device | str = "cpu") -> ExpertEnsemble:
     """The ensemble denoiser described by a manifest (EMA weights by default, when present)."""
     intervals, checkpoints, _ = read_manifest(path)
     experts = []

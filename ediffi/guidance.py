@@ -37,8 +37,6 @@ class Guided:
         if self.scale == 1.0:  # no guidance: skip the unconditional half entirely
             return self.denoiser(x, sigma, cond)
         B = x.shape[0]
-        out = self.denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([cond, self.uncond(cond)])
-        )
+        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([cond, self.uncond(cond)]))
         c, u = out[:B], out[B:]
         return u + self.scale * (c - u)

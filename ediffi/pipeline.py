@@ -32,9 +32,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(
-                f"SamplerConfig.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}"
-            )
+            raise ValueError(f"SamplerConfig.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         if self.steps < 1:
             raise ValueError(f"SamplerConfig.steps must be >= 1, got {self.steps}")
         if self.S_churn and self.sampler != "heun":
@@ -43,9 +41,7 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.guidance must be >= 0, got {self.guidance}")
 
 
-def seed_generators(
-    seeds: Sequence[int], device: torch.device | str = "cpu"
-) -> list[torch.Generator]:
+def seed_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per sample, so a sample's noise does not depend on its batch."""
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 

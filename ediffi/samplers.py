@@ -30,9 +30,7 @@ def karras_sigmas(
     i = torch.arange(n, dtype=torch.float64)
     ramp = i / max(n - 1, 1)
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).to(
-        device=device, dtype=torch.float32
-    )
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).to(device=device, dtype=torch.float32)
 
 
 def randn(shape: Sequence[int], generator: Generators, device="cpu") -> torch.Tensor:
@@ -42,9 +40,7 @@ def randn(shape: Sequence[int], generator: Generators, device="cpu") -> torch.Te
         return torch.randn(tuple(shape), generator=generator, device=dev).to(device)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack(
-        [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
-    ).to(device)
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]).to(device)
 
 
 def _denoise(D: Denoiser, x: torch.Tensor, sigma: float, cond: Cond) -> torch.Tensor:

@@ -53,9 +53,7 @@ class UNetConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"UNetConfig.{name} must be positive, got {getattr(self, name)}")
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
-            raise ValueError(
-                f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult}"
-            )
+            raise ValueError(f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         for m in self.channel_mult:
@@ -120,9 +118,7 @@ class FourierEmbedding(nn.Module):
 class ResBlock(nn.Module):
     """Residual block: GN-SiLU-conv, adaptive scale/shift from the embedding, GN-SiLU-dropout-conv."""
 
-    def __init__(
-        self, c_in: int, c_out: int, emb_dim: int, resample: str = "", dropout: float = 0.0
-    ):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, resample: str = "", dropout: float = 0.0):
         super().__init__()
         self.resample = resample
         self.norm1 = _norm(c_in)
@@ -172,16 +168,12 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm_self(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)
         h = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
-        x = x + self.proj_self(
-            h.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)
-        )
+        x = x + self.proj_self(h.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W))
 
         q = self._heads(self.q(self.norm_cross(x)).flatten(2).transpose(1, 2))
         k, v = (self._heads(t) for t in self.kv(ctx).chunk(2, dim=2))
         h = self.cross_attention(q, k, v, ctx_mask[:, None, None, :], (H, W))
-        return x + self.proj_cross(
-            h.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)
-        )
+        return x + self.proj_cross(h.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W))
 
     def cross_attention(
         self,
@@ -296,9 +288,7 @@ class UNet(nn.Module):
         if self.cfg.sr:
             if cond.lowres is None or cond.aug_sigma is None:
                 raise ValueError("super-resolution network needs cond.lowres and cond.aug_sigma")
-            lowres = F.interpolate(
-                cond.lowres.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False
-            )
+            lowres = F.interpolate(cond.lowres.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, lowres], dim=1)
         emb = self.embedding(c_noise, cond)
         ctx, ctx_mask = self.context(cond)

@@ -22,49 +22,35 @@ from ediffi.presets import PRESETS, build_denoiser, get_preset
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="checkpoint directory (config.json + model.safetensors)")
     src.add_argument("--manifest", help="expert ensemble manifest (JSON)")
-    src.add_argument(
-        "--preset", default="tiny", choices=sorted(PRESETS), help="untrained preset (smoke run)"
-    )
+    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="untrained preset (smoke run)")
     p.add_argument("--prompts", nargs="+", default=["a small red circle in the top left corner"])
     p.add_argument("--out", default="outputs/sample", help="output folder")
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the first image; image i uses seed + i"
-    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--sampler", default="heun", help="euler, heun or dpmpp_2m")
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--t5", default="tiny", help="T5 encoder: 'tiny', a local path or a hub id")
     p.add_argument("--clip", default="tiny", help="CLIP model: 'tiny' or an open_clip name")
-    p.add_argument(
-        "--clip-pretrained", default=None, help="open_clip pretrained tag or checkpoint file"
-    )
+    p.add_argument("--clip-pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
 
     cfg = SamplerConfig(sampler=a.sampler, steps=a.steps, guidance=a.guidance)
     if a.checkpoint:
-        D, _ = load_checkpoint(
-            a.checkpoint, use_ema=Path(a.checkpoint, "ema.safetensors").is_file(), device=a.device
-        )
+        D, _ = load_checkpoint(a.checkpoint, use_ema=Path(a.checkpoint, "ema.safetensors").is_file(), device=a.device)
         net_cfg = D.net.cfg
     elif a.manifest:
         net_cfg = read_config(read_manifest(a.manifest)[1][0])[0]
         D = load_ensemble(a.manifest, device=a.device)
     else:
-        print(
-            f"note: no --checkpoint or --manifest given; sampling the untrained '{a.preset}' preset (smoke run)"
-        )
+        print(f"note: no --checkpoint or --manifest given; sampling the untrained '{a.preset}' preset (smoke run)")
         net_cfg = get_preset(a.preset)
         D = build_denoiser(net_cfg, a.device).eval()
-    encoder = ConditioningEncoder(
-        EncoderConfig(t5=a.t5, clip=a.clip, clip_pretrained=a.clip_pretrained)
-    ).to(a.device)
+    encoder = ConditioningEncoder(EncoderConfig(t5=a.t5, clip=a.clip, clip_pretrained=a.clip_pretrained)).to(a.device)
     check_compatible(encoder.spec, net_cfg.cond)
 
     t0 = time.perf_counter()

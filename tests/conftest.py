@@ -71,9 +71,7 @@ def ray_local():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False
-    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
     yield
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)

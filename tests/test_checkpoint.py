@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 import torch
-from conftest import random_cond, randomize
 
+from conftest import random_cond, randomize
 from ediffi.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from ediffi.presets import build_denoiser, get_preset
 
@@ -65,9 +65,7 @@ def test_mismatched_network_is_named(tmp_path, tiny_cfg):
     doc = json.loads((path / "config.json").read_text())
     doc["network"]["model_channels"] = 64
     (path / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(
-        CheckpointError, match=r"model\.safetensors: does not match .* shape mismatches"
-    ):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: does not match .* shape mismatches"):
         load_checkpoint(path)
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import random_cond
 
+from conftest import random_cond
 from ediffi.conditioning import DropoutConfig, cond_from_numpy, cond_to_numpy, drop_embeddings
 from ediffi.presets import TINY_COND
 
@@ -28,16 +28,10 @@ def test_dropout_rates_are_independent_and_as_configured():
 def test_dropout_extremes_and_bad_values():
     cond = random_cond(TINY_COND, 8)
     kept = drop_embeddings(cond, DropoutConfig(0.0, 0.0, 0.0))
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(kept.tensors().values(), cond.tensors().values(), strict=True)
-    )
+    assert all(torch.equal(a, b) for a, b in zip(kept.tensors().values(), cond.tensors().values(), strict=True))
     gone = drop_embeddings(cond, DropoutConfig(1.0, 1.0, 1.0))
     null = cond.null()
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(gone.tensors().values(), null.tensors().values(), strict=True)
-    )
+    assert all(torch.equal(a, b) for a, b in zip(gone.tensors().values(), null.tensors().values(), strict=True))
     with pytest.raises(ValueError, match=r"DropoutConfig\.clip_text"):
         DropoutConfig(clip_text=1.5)
 
@@ -45,13 +39,7 @@ def test_dropout_extremes_and_bad_values():
 def test_null_condition_drops_everything():
     n = random_cond(TINY_COND, 3).null()
     assert not (n.t5_mask.any() or n.clip_mask.any() or n.clip_image_mask.any())
-    assert (
-        n.t5.abs().sum()
-        == n.clip.abs().sum()
-        == n.clip_pooled.abs().sum()
-        == n.clip_image.abs().sum()
-        == 0
-    )
+    assert n.t5.abs().sum() == n.clip.abs().sum() == n.clip_pooled.abs().sum() == n.clip_image.abs().sum() == 0
 
 
 def test_numpy_round_trip_and_validation():

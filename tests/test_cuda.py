@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import random_cond, randomize
 
+from conftest import random_cond, randomize
 from ediffi.ensemble import ExpertEnsemble, intervals_from_boundaries
 from ediffi.pipeline import SamplerConfig, sample
 from ediffi.presets import build_denoiser, get_preset
@@ -48,9 +48,7 @@ def test_seeded_sampling_on_cuda_is_batch_independent(tiny_cfg):
     cond, seeds = random_cond(tiny_cfg.cond, 4), [3, 4, 5, 6]
     cfg = SamplerConfig(sampler="heun", steps=8, S_churn=5, guidance=2.0)
     batched = sample(D, cond, (3, 16, 16), seeds, cfg, "cuda")
-    single = torch.cat(
-        [sample(D, cond[i : i + 1], (3, 16, 16), [s], cfg, "cuda") for i, s in enumerate(seeds)]
-    )
+    single = torch.cat([sample(D, cond[i : i + 1], (3, 16, 16), [s], cfg, "cuda") for i, s in enumerate(seeds)])
     torch.testing.assert_close(batched, single, rtol=1e-3, atol=1e-3)
 
 

@@ -37,9 +37,7 @@ def test_coefficients_match_design_formulas():
     np.testing.assert_allclose(c_out(SIGMAS).numpy(), s * sd / np.sqrt(s**2 + sd**2), rtol=1e-12)
     np.testing.assert_allclose(c_in(SIGMAS).numpy(), 1 / np.sqrt(s**2 + sd**2), rtol=1e-12)
     np.testing.assert_allclose(c_noise(SIGMAS).numpy(), np.log(s) / 4, rtol=1e-12)
-    np.testing.assert_allclose(
-        loss_weight(SIGMAS).numpy(), (s**2 + sd**2) / (s * sd) ** 2, rtol=1e-12
-    )
+    np.testing.assert_allclose(loss_weight(SIGMAS).numpy(), (s**2 + sd**2) / (s * sd) ** 2, rtol=1e-12)
 
 
 def test_preconditioning_identities():
@@ -78,9 +76,7 @@ def test_full_distribution_is_the_edm_log_normal():
     assert res.pvalue > 0.01
 
 
-@pytest.mark.parametrize(
-    "interval", intervals_from_boundaries(boundaries_from_quantiles(EDIFFI_BASE_QUANTILES))
-)
+@pytest.mark.parametrize("interval", intervals_from_boundaries(boundaries_from_quantiles(EDIFFI_BASE_QUANTILES)))
 def test_truncated_sampler_matches_restricted_distribution(interval):
     noise = NoiseDistribution().restrict(interval.lo, interval.hi)
     sig = noise.sample(20000, torch.Generator().manual_seed(1)).double()
@@ -110,9 +106,7 @@ def test_bad_intervals_are_errors():
 def test_loss_is_per_sample_weighted_error():
     x0 = torch.randn(5, 3, 8, 8)
     zero = lambda x, sigma, cond: torch.zeros_like(x)
-    loss, sigma = edm_loss(
-        zero, x0, empty_cond(TINY_COND, 5), NoiseDistribution(), torch.Generator().manual_seed(0)
-    )
+    loss, sigma = edm_loss(zero, x0, empty_cond(TINY_COND, 5), NoiseDistribution(), torch.Generator().manual_seed(0))
     assert loss.shape == (5,)
     torch.testing.assert_close(loss, loss_weight(sigma) * x0.square().flatten(1).mean(1))
     perfect = lambda x, sigma, cond: x0

@@ -31,9 +31,7 @@ def test_tiny_encoders_are_identical_across_builds(enc):
     again = ConditioningEncoder(EncoderConfig())
     a, _ = enc.encode(PROMPTS)
     b, _ = again.encode(PROMPTS)
-    assert all(
-        torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values(), strict=True)
-    )
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values(), strict=True))
     other, _ = ConditioningEncoder(EncoderConfig(seed=1)).encode(PROMPTS)
     assert not torch.equal(other.t5, a.t5)
 
@@ -58,9 +56,7 @@ def test_bad_encoder_settings_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot load T5 encoder"):
         ConditioningEncoder(EncoderConfig(t5=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="CLIP checkpoint file"):
-        ConditioningEncoder(
-            EncoderConfig(clip="ViT-B-32", clip_pretrained=str(tmp_path / "nope.bin"))
-        )
+        ConditioningEncoder(EncoderConfig(clip="ViT-B-32", clip_pretrained=str(tmp_path / "nope.bin")))
     with pytest.raises(ValueError, match=r"EncoderConfig\.dtype"):
         EncoderConfig(dtype="int8")
     with pytest.raises(TypeError, match="list of prompts"):
@@ -75,9 +71,7 @@ def test_clip_loads_weights_from_a_local_safetensors_file(tmp_path, enc):
         {k: v.contiguous() for k, v in other.clip.state_dict().items()},
         str(tmp_path / "clip.safetensors"),
     )
-    loaded = ConditioningEncoder(
-        EncoderConfig(clip="ediffi-tiny", clip_pretrained=str(tmp_path / "clip.safetensors"))
-    )
+    loaded = ConditioningEncoder(EncoderConfig(clip="ediffi-tiny", clip_pretrained=str(tmp_path / "clip.safetensors")))
     a, _ = other.encode(PROMPTS)
     b, _ = loaded.encode(PROMPTS)
     c, _ = enc.encode(PROMPTS)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import Counting, random_cond, randomize
 
+from conftest import Counting, random_cond, randomize
 from ediffi.checkpoint import save_checkpoint
 from ediffi.edm import NoiseDistribution
 from ediffi.ensemble import (
@@ -28,9 +28,7 @@ from ediffi.samplers import network_evaluations
 
 
 def _x(cfg, b):
-    return torch.randn(
-        b, 3, cfg.img_resolution, cfg.img_resolution, generator=torch.Generator().manual_seed(0)
-    )
+    return torch.randn(b, 3, cfg.img_resolution, cfg.img_resolution, generator=torch.Generator().manual_seed(0))
 
 
 def test_single_expert_ensemble_equals_base(tiny_D, tiny_cfg):
@@ -47,9 +45,7 @@ def test_two_experts_route_mixed_batches(tiny_cfg):
     x, cond = _x(tiny_cfg, 5), random_cond(tiny_cfg.cond, 5)
     out = ens(x, sigma, cond)
     assert torch.equal(torch.cat(ca.calls), torch.tensor([0.1, 0.9]))
-    assert torch.equal(
-        torch.cat(cb.calls), torch.tensor([5.0, 1.0, 30.0])
-    )  # 1.0 belongs to [1, inf)
+    assert torch.equal(torch.cat(cb.calls), torch.tensor([5.0, 1.0, 30.0]))  # 1.0 belongs to [1, inf)
     for i, s in enumerate(sigma.tolist()):
         ref = (a if s < 1.0 else b)(x[i : i + 1], sigma[i : i + 1], cond[i : i + 1])
         torch.testing.assert_close(out[i : i + 1], ref, rtol=1e-5, atol=1e-6)

@@ -2,24 +2,20 @@
 
 import pytest
 import torch
-from conftest import Counting, random_cond
 
+from conftest import Counting, random_cond
 from ediffi.guidance import Guided
 
 SIGMA = torch.tensor([0.3, 2.0])
 
 
 def _x(cfg, b=2):
-    return torch.randn(
-        b, 3, cfg.img_resolution, cfg.img_resolution, generator=torch.Generator().manual_seed(0)
-    )
+    return torch.randn(b, 3, cfg.img_resolution, cfg.img_resolution, generator=torch.Generator().manual_seed(0))
 
 
 def test_scale_one_equals_plain_conditional(tiny_D, tiny_cfg):
     cond, x = random_cond(tiny_cfg.cond, 2), _x(tiny_cfg)
-    torch.testing.assert_close(
-        Guided(tiny_D, 1.0)(x, SIGMA, cond), tiny_D(x, SIGMA, cond), rtol=0, atol=0
-    )
+    torch.testing.assert_close(Guided(tiny_D, 1.0)(x, SIGMA, cond), tiny_D(x, SIGMA, cond), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scale", [0.0, 3.0])

@@ -87,7 +87,7 @@ def test_schema_errors_name_file_and_column(tmp_path):
 def test_listing_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_shards(str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="no .parquet shards"):
+    with pytest.raises(FileNotFoundError, match=r"no \.parquet shards"):
         list_shards(str(tmp_path))
     for n in ("b", "a", "_tmp"):
         _shard(tmp_path / f"{n}.parquet", key=["k"])

@@ -4,7 +4,6 @@ import io
 import json
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -70,9 +69,7 @@ def _cfg(tmp_path, **kw):
 
 def _written_keys(root):
     files, _ = shard_files(str(root))
-    return sorted(
-        k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()
-    )
+    return sorted(k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist())
 
 
 def test_synthetic_and_bad_rows_to_embedding_shards(tmp_path):
@@ -116,10 +113,7 @@ def test_synthetic_and_bad_rows_to_embedding_shards(tmp_path):
     assert torch.equal(cond.clip_mask, ref.clip_mask) and cond.clip_image_mask.all()
 
     # The readers: single-process and Ray, every row once.
-    n = sum(
-        len(imgs)
-        for imgs, _ in iter_batches(str(tmp_path / "out"), batch_size=32, shuffle_buffer=64)
-    )
+    n = sum(len(imgs) for imgs, _ in iter_batches(str(tmp_path / "out"), batch_size=32, shuffle_buffer=64))
     assert n == 121
     ds, meta = ray_dataset(str(tmp_path / "out"))
     batches = list(iter_torch(ds, meta, batch_size=50, shuffle_buffer=100, seed=0))
@@ -144,18 +138,14 @@ def test_interrupted_run_resumes_to_exactly_one_copy_of_every_row(tmp_path):
     logs = []
     m = run_precompute(cfg, progress=logs.append)
     assert "3 already done, 2 to do" in logs[0]
-    assert {
-        p: p.stat().st_mtime_ns for p in (out / "00000").glob("part-*")
-    } == done_before  # skipped
+    assert {p: p.stat().st_mtime_ns for p in (out / "00000").glob("part-*")} == done_before  # skipped
     assert _written_keys(out) == full and m["totals"]["written"] == len(full) == 81
 
 
 def test_schema_problems_fail_before_any_work(tmp_path):
     _inputs(tmp_path, rows=20, shards=1)
     cfg = _cfg(tmp_path)
-    bad = PrecomputeConfig(
-        **{**cfg.__dict__, "input": InputConfig(path=cfg.input.path, image_column="png")}
-    )
+    bad = PrecomputeConfig(**{**cfg.__dict__, "input": InputConfig(path=cfg.input.path, image_column="png")})
     with pytest.raises(ValueError, match=r"00000\.parquet: column 'png' not found"):
         run_precompute(bad, progress=lambda *_: None)
     assert not (tmp_path / "out").exists()
@@ -201,9 +191,7 @@ def test_s3_input_and_output(s3_server):
     )
     m = run_precompute(cfg, progress=lambda *_: None)
     assert m["totals"]["written"] == 30
-    fs = s3fs.S3FileSystem(
-        key="test", secret="test", client_kwargs={"endpoint_url": storage.endpoint_url}
-    )
+    fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": storage.endpoint_url})
     assert fs.exists("ediffi/emb/manifest.json") and fs.exists("ediffi/emb/00001/_SUCCESS.json")
     assert json.loads(fs.cat("ediffi/emb/manifest.json"))["totals"]["rows_read"] == 30
     n = sum(len(imgs) for imgs, _ in iter_batches("s3://ediffi/emb", batch_size=7, storage=storage))

@@ -36,10 +36,7 @@ def test_karras_schedule_matches_formula():
     n, smin, smax, rho = 10, 0.002, 80.0, 7.0
     sig = karras_sigmas(n, smin, smax, rho).double()
     assert len(sig) == n + 1 and sig[-1] == 0
-    ref = [
-        (smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-        for i in range(n)
-    ]
+    ref = [(smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho for i in range(n)]
     torch.testing.assert_close(sig[:-1], torch.tensor(ref, dtype=torch.float64), rtol=1e-6, atol=0)
     assert sig[0] == pytest.approx(smax) and sig[-2] == pytest.approx(smin)
 
@@ -79,17 +76,11 @@ def test_euler_and_multistep_converge_with_more_steps():
 def test_stochastic_heun_reaches_data_std_and_is_seeded():
     sig = karras_sigmas(128)
     kw = dict(S_churn=40, S_tmin=0.05, S_tmax=50, S_noise=1.0)
-    out = sample_heun(
-        ideal, _noise() * sig[0], sig, COND, generator=torch.Generator().manual_seed(3), **kw
-    )
+    out = sample_heun(ideal, _noise() * sig[0], sig, COND, generator=torch.Generator().manual_seed(3), **kw)
     assert out.std().item() == pytest.approx(S, rel=0.015)
-    again = sample_heun(
-        ideal, _noise() * sig[0], sig, COND, generator=torch.Generator().manual_seed(3), **kw
-    )
+    again = sample_heun(ideal, _noise() * sig[0], sig, COND, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(out, again)
-    other = sample_heun(
-        ideal, _noise() * sig[0], sig, COND, generator=torch.Generator().manual_seed(4), **kw
-    )
+    other = sample_heun(ideal, _noise() * sig[0], sig, COND, generator=torch.Generator().manual_seed(4), **kw)
     assert not torch.equal(out, other)
 
 
@@ -98,13 +89,9 @@ def test_per_sample_generators_make_results_batch_independent():
     cond4 = empty_cond(TINY_COND, 4)
     cfg = SamplerConfig(sampler="heun", steps=8, S_churn=10)
     batched = sample(ideal, cond4, (1, 4, 4), seeds, cfg)
-    single = torch.cat(
-        [sample(ideal, cond4[i : i + 1], (1, 4, 4), [s], cfg) for i, s in enumerate(seeds)]
-    )
+    single = torch.cat([sample(ideal, cond4[i : i + 1], (1, 4, 4), [s], cfg) for i, s in enumerate(seeds)])
     torch.testing.assert_close(batched, single, rtol=0, atol=0)
-    torch.testing.assert_close(
-        randn((2, 3), seed_generators([5, 6]))[1], randn((1, 3), seed_generators([6]))[0]
-    )
+    torch.testing.assert_close(randn((2, 3), seed_generators([5, 6]))[1], randn((1, 3), seed_generators([6]))[0])
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m"])

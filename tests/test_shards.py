@@ -36,9 +36,7 @@ def test_round_trip():
     table, cond, images = _table()
     assert read_meta(table.schema) == META
     imgs, back = to_tensors(table, META)
-    torch.testing.assert_close(
-        imgs, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    )
+    torch.testing.assert_close(imgs, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
     torch.testing.assert_close(back.t5, cond.t5.half().float())
     assert torch.equal(back.clip_mask, cond.clip_mask)
     # slices (as Ray hands out) decode too

@@ -27,9 +27,7 @@ def test_captions_carry_the_labels_and_images_show_them():
     assert len({r["key"] for r in rows}) == 60
     for r in rows:
         cap = r["caption"]
-        assert (
-            r["color"] in cap and r["shape"] in cap and r["size"] in cap and r["background"] in cap
-        )
+        assert r["color"] in cap and r["shape"] in cap and r["size"] in cap and r["background"] in cap
         assert any(p in cap for p in POSITION_PHRASES[r["position"]])
         img = np.asarray(Image.open(io.BytesIO(r["jpg"])).convert("RGB"), dtype=float)
         want = np.array(COLORS[r["color"]], dtype=float)
@@ -38,9 +36,7 @@ def test_captions_carry_the_labels_and_images_show_them():
 
 
 def test_write_synthetic_splits_rows(tmp_path):
-    urls = write_synthetic(
-        SyntheticConfig(output=str(tmp_path), rows=10, shards=3, image_format="png")
-    )
+    urls = write_synthetic(SyntheticConfig(output=str(tmp_path), rows=10, shards=3, image_format="png"))
     assert [u.rsplit("/", 1)[-1] for u in urls] == [
         "00000.parquet",
         "00001.parquet",

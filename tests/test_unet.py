@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import random_cond, randomize
 
+from conftest import random_cond, randomize
 from ediffi.conditioning import empty_cond
 from ediffi.presets import (
     PRESETS,
@@ -73,9 +73,7 @@ def test_each_embedding_reaches_the_output(strong_D, tiny_cfg):
     base = strong_D(x, s, cond)
     for which in ("t5", "clip_text", "clip_image"):
         assert (strong_D(x, s, cond.drop(which, False)) - base).abs().max() > 1e-3, which
-    assert torch.isfinite(
-        strong_D(x, s, empty_cond(tiny_cfg.cond, 2))
-    ).all()  # all masked still defined
+    assert torch.isfinite(strong_D(x, s, empty_cond(tiny_cfg.cond, 2))).all()  # all masked still defined
 
 
 def test_super_resolution_variant_uses_lowres_and_aug_level():

@@ -134,12 +134,8 @@ def job_config(cls: type[T], argv: list[str] | None, description: str) -> T:
     """`--config FILE key.path=value ...` -> a validated `cls`; errors exit with the message."""
     import argparse
 
-    p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--config", help="YAML file with the job's settings (defaults apply to missing keys)"
-    )
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with the job's settings (defaults apply to missing keys)")
     p.add_argument("overrides", nargs="*", help="key.path=value settings applied after the file")
     a = p.parse_args(argv)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,7 @@ DROP_REASONS = (
 class InputConfig:
     """Where the image-text shards are and what their columns are called (img2dataset defaults)."""
 
-    path: str = (
-        "data/synthetic"  # folder of .parquet files, a glob, one file, or s3:// of any of these
-    )
+    path: str = "data/synthetic"  # folder of .parquet files, a glob, one file, or s3:// of any of these
     image_column: str = "jpg"  # encoded image bytes (JPEG, PNG or WebP)
     caption_column: str = "caption"  # text
     key_column: str = "key"  # unique id of a row
@@ -90,9 +89,7 @@ def check_schema(path: str, cfg: InputConfig, storage: StorageConfig = StorageCo
     }
     for col, types in want.items():
         if col not in schema.names:
-            raise ValueError(
-                f"{path}: column {col!r} not found (columns: {schema.names}); set input.*_column"
-            )
+            raise ValueError(f"{path}: column {col!r} not found (columns: {schema.names}); set input.*_column")
         if schema.field(col).type not in types:
             raise ValueError(
                 f"{path}: column {col!r} has type {schema.field(col).type}, expected {' or '.join(map(str, types))}"
@@ -119,9 +116,7 @@ def decode_image(data: bytes | None, f: ImageFilter) -> tuple[np.ndarray | None,
     if max(w, h) / min(w, h) > f.max_aspect:
         return None, "bad_aspect"
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = Image.alpha_composite(
-            Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA")
-        )
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     img = img.convert("RGB")
     s = f.resolution / min(w, h)
     nw, nh = max(f.resolution, round(w * s)), max(f.resolution, round(h * s))
@@ -131,8 +126,20 @@ def decode_image(data: bytes | None, f: ImageFilter) -> tuple[np.ndarray | None,
     return np.asarray(img, dtype=np.uint8), None
 
 
-def decode_batch(table: pa.Table, cfg: InputConfig, filt: ImageFilter) -> pa.Table:
-    """Ray Data stage: decode a batch; every input row comes out, dropped ones with a reason."""
+def read_and_decode(
+    batch: pa.Table, cfg: InputConfig, filt: ImageFilter, storage: StorageConfig, batch_size: int
+) -> Iterator[pa.Table]:
+    """Ray Data stage: for each input shard path, stream its rows in batches, decoded (one task per shard)."""
+    fs, _ = filesystem(cfg.path, storage)
+    afs = arrow_filesystem(fs)
+    columns = [cfg.key_column, cfg.caption_column, cfg.image_column, *cfg.keep_columns]
+    for path in batch.column("path").to_pylist():
+        for rb in pq.ParquetFile(path, filesystem=afs).iter_batches(batch_size=batch_size, columns=columns):
+            yield decode_batch(pa.Table.from_batches([rb]), cfg, filt, shard_name(path))
+
+
+def decode_batch(table: pa.Table, cfg: InputConfig, filt: ImageFilter, shard: str) -> pa.Table:
+    """Decode a batch of one shard; every input row comes out, dropped ones with a reason."""
     keys = table.column(cfg.key_column).to_pylist()
     captions = table.column(cfg.caption_column).to_pylist()
     blobs = table.column(cfg.image_column).to_pylist()
@@ -149,7 +156,7 @@ def decode_batch(table: pa.Table, cfg: InputConfig, filt: ImageFilter) -> pa.Tab
         "caption": pa.array([c or "" for c in captions], pa.string()),
         "image": pa.array(images, pa.large_binary()),
         "drop_reason": pa.array(reasons, pa.string()),
-        "shard": pa.array([shard_name(p) for p in table.column("path").to_pylist()], pa.string()),
+        "shard": pa.array([shard] * table.num_rows, pa.string()),
     }
     out.update({c: table.column(c).cast(pa.string()) for c in cfg.keep_columns})
     return pa.table(out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,8 +35,8 @@ from ediffi_platform.ingest import (
     ImageFilter,
     InputConfig,
     check_schema,
-    decode_batch,
     list_shards,
+    read_and_decode,
     shard_name,
 )
 from ediffi_platform.shards import ShardMeta, build_table, read_meta
@@ -66,21 +67,16 @@ class PrecomputeConfig:
     batch_size: int = 64  # rows per encoder batch
     concurrency: int = 1  # embedding actors
     num_gpus: float = 0.0  # GPUs per embedding actor (0 on CPU machines)
-    num_cpus: float = (
-        0.5  # CPUs per embedding actor (fractional keeps small clusters from stalling)
-    )
+    num_cpus: float = 0.5  # CPUs per embedding actor (fractional keeps small clusters from stalling)
+    threads_per_actor: int = 0  # torch CPU threads per actor; 0 = its CPU share rounded up
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
     ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError(
-                f"batch_size and concurrency must be >= 1, got {self.batch_size}, {self.concurrency}"
-            )
+            raise ValueError(f"batch_size and concurrency must be >= 1, got {self.batch_size}, {self.concurrency}")
         if self.storage_dtype not in ("float16", "float32"):
-            raise ValueError(
-                f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}"
-            )
+            raise ValueError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
 
 
 class Embedder:
@@ -89,8 +85,10 @@ class Embedder:
     def __init__(self, cfg: PrecomputeConfig):
         self.cfg = cfg
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(cfg.threads_per_actor or max(1, math.ceil(cfg.num_cpus)))
         self.encoder = ConditioningEncoder(cfg.encoders).to(self.device)
         self.meta = ShardMeta(self.encoder.spec, cfg.image.resolution, cfg.storage_dtype)
+        self.ready = time.time()  # encoders loaded: start-up ends here (for throughput figures)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keep = np.asarray(batch.column("drop_reason").to_pylist()) == ""
@@ -105,9 +103,7 @@ class Embedder:
             blobs = batch.column("image").take(idx).to_pylist()
             images = np.stack([np.frombuffer(b, np.uint8).reshape(R, R, 3) for b in blobs])
             prompts = columns["caption"].to_pylist()
-            pixels = (
-                torch.from_numpy(images).permute(0, 3, 1, 2) if self.cfg.encode_images else None
-            )
+            pixels = torch.from_numpy(images).permute(0, 3, 1, 2) if self.cfg.encode_images else None
             cond, stats = self.encoder.encode(prompts, pixels)
             columns.update(image=images, **cond_to_numpy(cond, self.cfg.storage_dtype))
             truncated = stats.truncated_rows
@@ -121,7 +117,8 @@ class Embedder:
         kept = kept.append_column("shard", batch.column("shard").take(idx))
         kept = kept.append_column("truncated", pa.array(truncated, pa.bool_()))
         dropped = batch.filter(pa.array(~keep)).select(["key", "shard", "drop_reason"])
-        return _pack(kept, dropped)
+        packed = _pack(kept, dropped)
+        return packed.append_column("ready", pa.array([self.ready] * packed.num_rows, pa.float64()))
 
 
 def _pack(kept: pa.Table, dropped: pa.Table) -> pa.Table:
@@ -143,26 +140,23 @@ def write_parts(batch: pa.Table, output: str, storage: StorageConfig) -> pa.Tabl
     fs, root = filesystem(output, storage)
     afs = arrow_filesystem(fs)
     meta_schema = batch.schema
-    stats = {"shard": [], "rows": [], "written": [], "truncated": [], "dropped": []}
+    stats = {"shard": [], "rows": [], "written": [], "truncated": [], "dropped": [], "ready": []}
     for shard in sorted(set(batch.column("shard").to_pylist())):
         rows = batch.filter(pa.compute.equal(batch.column("shard"), shard))
         ok = pa.compute.equal(rows.column("drop_reason"), "")
-        kept = rows.filter(ok).drop_columns(["shard", "drop_reason", "truncated"])
+        kept = rows.filter(ok).drop_columns(["shard", "drop_reason", "truncated", "ready"])
         reasons = Counter(rows.filter(pa.compute.invert(ok)).column("drop_reason").to_pylist())
         if kept.num_rows:
-            digest = hashlib.sha1("\n".join(rows.column("key").to_pylist()).encode()).hexdigest()[
-                :16
-            ]
+            digest = hashlib.sha1("\n".join(rows.column("key").to_pylist()).encode()).hexdigest()[:16]
             fs.makedirs(join(root, shard), exist_ok=True)
             kept = kept.replace_schema_metadata(meta_schema.metadata)
             pq.write_table(kept, join(root, shard, f"part-{digest}.parquet"), filesystem=afs)
         stats["shard"].append(shard)
         stats["rows"].append(rows.num_rows)
         stats["written"].append(kept.num_rows)
-        stats["truncated"].append(
-            int(pa.compute.sum(rows.filter(ok).column("truncated")).as_py() or 0)
-        )
+        stats["truncated"].append(int(pa.compute.sum(rows.filter(ok).column("truncated")).as_py() or 0))
         stats["dropped"].append(json.dumps(dict(reasons)))
+        stats["ready"].append(pa.compute.min(rows.column("ready")).as_py())
     return pa.table(stats)
 
 
@@ -179,7 +173,6 @@ def _empty_stats() -> dict:
 def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
     """Run the job (Ray must be initialised) and return the manifest it wrote."""
     t0 = time.time()
-    in_fs, _ = filesystem(cfg.input.path, cfg.storage)
     out_fs, out_root = filesystem(cfg.output, cfg.storage)
     shards = list_shards(cfg.input.path, cfg.storage)
     expected = {shard_name(p): check_schema(p, cfg.input, cfg.storage) for p in shards}
@@ -193,28 +186,16 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
         d = join(out_root, shard_name(p))
         if out_fs.exists(d):
             out_fs.rm(d, recursive=True)
-    progress(
-        f"precompute: {len(shards)} input shards, {len(done)} already done, {len(pending)} to do"
-    )
+    progress(f"precompute: {len(shards)} input shards, {len(done)} already done, {len(pending)} to do")
 
     if pending:
-        columns = [
-            cfg.input.key_column,
-            cfg.input.caption_column,
-            cfg.input.image_column,
-            *cfg.input.keep_columns,
-        ]
-        ds = ray.data.read_parquet(
-            pending,
-            filesystem=arrow_filesystem(in_fs),
-            include_paths=True,
-            override_num_blocks=len(pending),
-        ).select_columns([*columns, "path"])
+        # One read task per input shard, streaming decoded batches as it goes.
+        ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
-            decode_batch,
-            fn_kwargs={"cfg": cfg.input, "filt": cfg.image},
+            read_and_decode,
+            fn_kwargs={"cfg": cfg.input, "filt": cfg.image, "storage": cfg.storage, "batch_size": cfg.batch_size},
             batch_format="pyarrow",
-            batch_size=cfg.batch_size,
+            batch_size=1,
         )
         ds = ds.map_batches(
             Embedder,
@@ -233,7 +214,9 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
             num_cpus=0.25,
         )
         seen: dict[str, dict] = {}
+        ready = []  # when each embedding actor had its encoders loaded
         for row in ds.iter_rows():
+            ready.append(row["ready"])
             s = seen.setdefault(row["shard"], _empty_stats())
             s["rows_read"] += row["rows"]
             s["written"] += row["written"]
@@ -242,8 +225,7 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
                 s["dropped"][reason] += n
             if s["rows_read"] == expected[row["shard"]]:
                 s["decoded"] = s["rows_read"] - sum(
-                    s["dropped"][r]
-                    for r in ("empty_caption", "missing_image", "decode_error", "too_large")
+                    s["dropped"][r] for r in ("empty_caption", "missing_image", "decode_error", "too_large")
                 )
                 write_json(out_fs, join(out_root, row["shard"], SUCCESS), s)
                 done.add(row["shard"])
@@ -253,10 +235,13 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
                 )
         missing = sorted(set(expected) - done)
         if missing:
-            raise RuntimeError(
-                f"shards not fully processed: {missing[:5]} (row counts did not add up)"
-            )
-    return _write_manifest(out_fs, out_root, cfg, sorted(expected), time.time() - t0, progress)
+            raise RuntimeError(f"shards not fully processed: {missing[:5]} (row counts did not add up)")
+        end, rows = time.time(), sum(s["rows_read"] for s in seen.values())
+        run = {"rows": rows, "rows_per_s": rows / (end - t0), "rows_per_s_after_startup": rows / (end - min(ready))}
+    else:
+        run = {"rows": 0}
+    run["seconds"] = round(time.time() - t0, 2)
+    return _write_manifest(out_fs, out_root, cfg, sorted(expected), run, progress)
 
 
 def _check_output_compatible(fs, root: str, cfg: PrecomputeConfig) -> None:
@@ -283,15 +268,11 @@ def _first_meta(fs, root: str, names: list[str]) -> dict | None:
     for n in names:
         parts = sorted(fs.glob(join(root, n, "part-*.parquet")))
         if parts:
-            return json.loads(
-                read_meta(pq.read_schema(parts[0], filesystem=afs), parts[0]).to_json()
-            )
+            return json.loads(read_meta(pq.read_schema(parts[0], filesystem=afs), parts[0]).to_json())
     return None
 
 
-def _write_manifest(
-    fs, root: str, cfg: PrecomputeConfig, names: list[str], seconds: float, progress
-) -> dict:
+def _write_manifest(fs, root: str, cfg: PrecomputeConfig, names: list[str], run: dict, progress) -> dict:
     per_shard = {n: read_json(fs, join(root, n, SUCCESS)) for n in names}
     totals = _empty_stats()
     for s in per_shard.values():
@@ -309,7 +290,7 @@ def _write_manifest(
         "input": cfg.input.path,
         "totals": totals,
         "shards": per_shard,
-        "seconds_last_run": round(seconds, 2),
+        "last_run": run,
     }
     write_json(fs, join(root, MANIFEST), doc)
     progress(

@@ -17,15 +17,11 @@ from ediffi_platform.shards import ShardMeta, read_meta, to_tensors
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join, read_json
 
 
-def shard_files(
-    root_url: str, storage: StorageConfig = StorageConfig()
-) -> tuple[list[str], ShardMeta]:
+def shard_files(root_url: str, storage: StorageConfig = StorageConfig()) -> tuple[list[str], ShardMeta]:
     """Part files of every completed shard under an embedding folder, and their common layout."""
     fs, root = filesystem(root_url, storage)
     if not fs.exists(join(root, MANIFEST)):
-        raise FileNotFoundError(
-            f"{root_url}: no {MANIFEST}; run jobs/precompute_embeddings.py first"
-        )
+        raise FileNotFoundError(f"{root_url}: no {MANIFEST}; run jobs/precompute_embeddings.py first")
     files = []
     for marker in sorted(fs.glob(join(root, "*", SUCCESS))):
         files += sorted(fs.glob(join(marker.rsplit("/", 1)[0], "part-*.parquet")))
@@ -66,9 +62,7 @@ def iter_batches(
         yield to_tensors(table, meta)
 
 
-def _take(
-    buffer: list[pa.Table], n: int, rng: random.Random | None
-) -> tuple[pa.Table, list[pa.Table], int]:
+def _take(buffer: list[pa.Table], n: int, rng: random.Random | None) -> tuple[pa.Table, list[pa.Table], int]:
     table = pa.concat_tables(buffer).combine_chunks()
     if rng is not None:
         idx = list(range(table.num_rows))
@@ -79,9 +73,7 @@ def _take(
     return table.slice(0, n), ([rest] if rest.num_rows else []), rest.num_rows
 
 
-def ray_dataset(
-    root_url: str, storage: StorageConfig = StorageConfig()
-) -> tuple[ray.data.Dataset, ShardMeta]:
+def ray_dataset(root_url: str, storage: StorageConfig = StorageConfig()) -> tuple[ray.data.Dataset, ShardMeta]:
     """A Ray Dataset over the embedding rows (for `ray.train.get_dataset_shard`), and their layout."""
     files, meta = shard_files(root_url, storage)
     afs = arrow_filesystem(filesystem(root_url, storage)[0])

@@ -35,9 +35,7 @@ class ShardMeta:
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.storage_dtype!r}"
-            )
+            raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
 
     def layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row shape and numpy dtype of every tensor column."""
@@ -54,9 +52,7 @@ class ShardMeta:
     @staticmethod
     def from_json(text: str | bytes) -> ShardMeta:
         d = json.loads(text)
-        return ShardMeta(
-            CondSpec(**d["spec"]), d["resolution"], d["storage_dtype"], d["schema_version"]
-        )
+        return ShardMeta(CondSpec(**d["spec"]), d["resolution"], d["storage_dtype"], d["schema_version"])
 
 
 def tensor_column(arr: np.ndarray) -> pa.LargeBinaryArray:
@@ -65,14 +61,10 @@ def tensor_column(arr: np.ndarray) -> pa.LargeBinaryArray:
     row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
     data = np.ascontiguousarray(arr).view(np.uint8).reshape(n, row)
     offsets = np.arange(n + 1, dtype=np.int64) * row
-    return pa.Array.from_buffers(
-        pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
-    )
+    return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def column_array(
-    col: pa.Array | pa.ChunkedArray, shape: tuple[int, ...], dtype: np.dtype, name: str
-) -> np.ndarray:
+def column_array(col: pa.Array | pa.ChunkedArray, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray:
     """A binary column back to an array [N, *shape]; a row of the wrong size is an error naming the column."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
@@ -83,14 +75,8 @@ def column_array(
     offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + n + 1]
     row = int(np.prod(shape)) * dtype.itemsize
     if n and not np.all(np.diff(offsets) == row):
-        raise ValueError(
-            f"column {name!r}: rows are not {row} bytes (expected shape {shape}, dtype {dtype})"
-        )
-    data = (
-        np.frombuffer(col.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-        if n
-        else np.empty(0, np.uint8)
-    )
+        raise ValueError(f"column {name!r}: rows are not {row} bytes (expected shape {shape}, dtype {dtype})")
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]] if n else np.empty(0, np.uint8)
     return data.view(dtype).reshape(n, *shape)
 
 
@@ -103,9 +89,7 @@ def build_table(meta: ShardMeta, columns: dict[str, np.ndarray | list]) -> pa.Ta
             shape, dtype = layout[name]
             value = np.asarray(value)
             if value.shape[1:] != shape:
-                raise ValueError(
-                    f"column {name!r} has row shape {value.shape[1:]}, expected {shape}"
-                )
+                raise ValueError(f"column {name!r} has row shape {value.shape[1:]}, expected {shape}")
             arrays.append(tensor_column(value.astype(dtype, copy=False)))
             fields.append(pa.field(name, pa.large_binary()))
         else:
@@ -122,14 +106,10 @@ def read_meta(schema: pa.Schema, where: str = "") -> ShardMeta:
     """The ShardMeta stored in a shard's schema; a file without it is an error naming the file."""
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
-        raise ValueError(
-            f"{where or 'table'}: not an ediffi embedding shard (no {META_KEY.decode()} metadata)"
-        )
+        raise ValueError(f"{where or 'table'}: not an ediffi embedding shard (no {META_KEY.decode()} metadata)")
     meta = ShardMeta.from_json(raw)
     if meta.schema_version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{where}: shard schema version {meta.schema_version}, this code reads {SCHEMA_VERSION}"
-        )
+        raise ValueError(f"{where}: shard schema version {meta.schema_version}, this code reads {SCHEMA_VERSION}")
     return meta
 
 
@@ -138,21 +118,14 @@ def to_tensors(table: pa.Table, meta: ShardMeta) -> tuple[torch.Tensor, Cond]:
     layout = meta.layout()
     arrays = {name: column_array(table.column(name), *layout[name], name) for name in layout}
     images = torch.from_numpy(arrays.pop(IMAGE).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
-    cond = Cond(
-        **{
-            k: torch.from_numpy(v.astype(bool if k in MASK_FIELDS else np.float32))
-            for k, v in arrays.items()
-        }
-    )
+    cond = Cond(**{k: torch.from_numpy(v.astype(bool if k in MASK_FIELDS else np.float32)) for k, v in arrays.items()})
     return images, cond
 
 
 def check_compatible(meta: ShardMeta, spec: CondSpec, resolution: int, where: str = "") -> None:
     """Raise naming the first difference between the shards' layout and what a model expects."""
     if meta.resolution != resolution:
-        raise ValueError(
-            f"{where}: shards hold {meta.resolution}px images, the model expects {resolution}px"
-        )
+        raise ValueError(f"{where}: shards hold {meta.resolution}px images, the model expects {resolution}px")
     for name, want in asdict(spec).items():
         got = getattr(meta.spec, name)
         if got != want:

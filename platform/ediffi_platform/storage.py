@@ -13,9 +13,7 @@ import pyarrow.fs as pafs
 class StorageConfig:
     """Object-store settings; empty values fall back to the usual AWS environment and files."""
 
-    endpoint_url: str | None = (
-        None  # S3-compatible endpoint (e.g. http://127.0.0.1:9000); AWS if unset
-    )
+    endpoint_url: str | None = None  # S3-compatible endpoint (e.g. http://127.0.0.1:9000); AWS if unset
     key: str | None = None  # access key id (else AWS_ACCESS_KEY_ID / profiles / instance role)
     secret: str | None = None  # secret access key
     region: str | None = None  # region name
@@ -30,19 +28,13 @@ class StorageConfig:
             opts["key"] = self.key
         if self.secret:
             opts["secret"] = self.secret
-        client = {
-            k: v
-            for k, v in (("endpoint_url", self.endpoint_url), ("region_name", self.region))
-            if v
-        }
+        client = {k: v for k, v in (("endpoint_url", self.endpoint_url), ("region_name", self.region)) if v}
         if client:
             opts["client_kwargs"] = client
         return opts
 
 
-def filesystem(
-    url: str, storage: StorageConfig = StorageConfig()
-) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(url: str, storage: StorageConfig = StorageConfig()) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for a URL and the path inside it."""
     fs, path = fsspec.core.url_to_fs(url, **storage.options(url))
     return fs, path

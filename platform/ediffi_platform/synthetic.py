@@ -61,9 +61,7 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.shards < 1 or self.shards > self.rows:
-            raise ValueError(
-                f"need 1 <= shards <= rows, got rows={self.rows}, shards={self.shards}"
-            )
+            raise ValueError(f"need 1 <= shards <= rows, got rows={self.rows}, shards={self.shards}")
         if self.image_format not in ("jpg", "png", "webp"):
             raise ValueError(f"image_format must be jpg, png or webp, got {self.image_format!r}")
         if self.image_size < 16:
@@ -135,9 +133,7 @@ def make_shard(cfg: SyntheticConfig, shard: int) -> pa.Table:
         cols["caption"].append(caption(labels, rng))
         for k in LABELS:
             cols[k].append(labels[k])
-    return pa.table(
-        {k: pa.array(v, type=pa.binary() if k == "jpg" else pa.string()) for k, v in cols.items()}
-    )
+    return pa.table({k: pa.array(v, type=pa.binary() if k == "jpg" else pa.string()) for k, v in cols.items()})
 
 
 def write_synthetic(cfg: SyntheticConfig, storage: StorageConfig = StorageConfig()) -> list[str]:
