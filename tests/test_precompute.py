@@ -198,3 +198,48 @@ def test_s3_input_and_output(s3_server):
     assert n == 30
     again = run_precompute(cfg, progress=lambda *_: None)  # everything already done: nothing redone
     assert again["totals"] == m["totals"]
+
+
+def test_killed_job_rerun_gives_every_row_once(tmp_path):
+    """SIGKILL the real job (driver and its local Ray) mid-run, then run it again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    write_synthetic(SyntheticConfig(output=str(tmp_path / "in"), rows=120, shards=6))
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        sys.executable,
+        str(root / "jobs" / "precompute_embeddings.py"),
+        f"input.path={tmp_path / 'in'}",
+        f"output={tmp_path / 'out'}",
+        "batch_size=4",
+        "concurrency=1",
+    ]
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not list((tmp_path / "out").glob("*/_SUCCESS.json")):
+            assert proc.poll() is None, "job ended before it could be interrupted"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = len(list((tmp_path / "out").glob("*/_SUCCESS.json")))
+    assert 1 <= done < 6, f"{done} shards were done at the kill"
+    m = run_precompute(
+        PrecomputeConfig(input=InputConfig(path=str(tmp_path / "in")), output=str(tmp_path / "out"), batch_size=32),
+        progress=lambda *_: None,
+    )
+    keys = _written_keys(tmp_path / "out")
+    assert len(keys) == len(set(keys)) == 120 and m["totals"]["written"] == 120
