@@ -129,3 +129,59 @@ def load_checkpoint(
     D = build_denoiser(cfg, "cpu")
     D.net.load_state_dict(weights, strict=True)
     return D.to(device).eval(), metadata
+
+
+# --- training state (optimizer, step, RNG) beside the weights; still no pickles -----------------
+
+OPTIM_FILE, TRAINER_FILE = "optimizer.safetensors", "trainer.json"
+
+
+def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Optimizer tensors as safetensors; its hyper-parameters, `state` (step, data position, ...) and
+    the torch RNG as JSON/safetensors, so training resumes exactly."""
+    path = Path(path)
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(path / OPTIM_FILE))
+    doc = {"param_groups": sd["param_groups"], "scalars": scalars, "state": state}
+    (path / TRAINER_FILE).write_text(json.dumps(doc, indent=2))
+
+
+def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Restore optimizer and RNG from a checkpoint directory; returns the saved `state` dict."""
+    path = Path(path)
+    f = path / TRAINER_FILE
+    try:
+        doc = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: training state not found (a weights-only checkpoint?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    tensors = read_weights(path / OPTIM_FILE)
+    if optimizer is not None:
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("state."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        for k, v in doc["scalars"].items():
+            pid, name = k.split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in doc["param_groups"]]
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path / OPTIM_FILE}: does not match the optimizer ({e})") from None
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return doc["state"]

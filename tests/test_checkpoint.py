@@ -93,3 +93,23 @@ def test_missing_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "noema", get_preset("tiny"), build_denoiser(get_preset("tiny")))
     with pytest.raises(CheckpointError, match=r"ema\.safetensors: weights file not found"):
         load_checkpoint(tmp_path / "noema", use_ema=True)
+
+
+def test_training_state_round_trip(tmp_path, tiny_cfg):
+    from ediffi.checkpoint import load_training_state, save_training_state
+
+    D = build_denoiser(tiny_cfg)
+    opt = torch.optim.AdamW(D.parameters(), lr=1e-3)
+    D(torch.randn(2, 3, 16, 16), torch.ones(2), random_cond(tiny_cfg.cond, 2)).square().mean().backward()
+    opt.step()
+    save_checkpoint(tmp_path, tiny_cfg, D)
+    save_training_state(tmp_path, opt, {"step": 5, "epoch": 1})
+    expected_noise = torch.randn(3)
+    opt2 = torch.optim.AdamW(D.parameters(), lr=1e-3)
+    assert load_training_state(tmp_path, opt2) == {"step": 5, "epoch": 1}
+    assert torch.equal(torch.randn(3), expected_noise)  # RNG restored to the saved point
+    a, b = opt.state_dict(), opt2.state_dict()
+    for pid in a["state"]:
+        for k, v in a["state"][pid].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][pid][k]))
+    assert a["param_groups"] == b["param_groups"]
