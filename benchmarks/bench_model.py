@@ -74,7 +74,7 @@ def bench(name: str, batch: int, steps: int, guidance: float, device: str, dtype
     t_fwd = _timed(fwd, device, repeats)
     D.train()
     opt = torch.optim.AdamW(D.parameters(), lr=1e-4)
-    t_train = _timed(lambda: train_step(D, opt, x, cond, dropout=DropoutConfig(), dtype=dtype), device, repeats)
+    t_train = _timed(lambda: train_step(D, opt, [(x, cond)], dropout=DropoutConfig(), dtype=dtype), device, repeats)
     D.eval()
 
     timed = TimedDenoiser(lambda a, b, c: _fwd_autocast(D, a, b, c, device, dtype), device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,21 +33,25 @@ def autocast_for(device: torch.device | str, dtype: str) -> contextlib.AbstractC
 def train_step(
     D: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    x0: torch.Tensor,
-    cond: Cond,
+    batches: Sequence[tuple[torch.Tensor, Cond]],
     noise: NoiseDistribution = NoiseDistribution(),
     dropout: DropoutConfig = DropoutConfig(),
     grad_clip: float | None = 1.0,
     dtype: str = "float32",
     generator: torch.Generator | None = None,
 ) -> StepResult:
-    """Drop embeddings, compute the EDM loss (under autocast), backpropagate, clip, and step."""
-    cond = drop_embeddings(cond, dropout, generator)
-    with autocast_for(x0.device, dtype):
-        per_sample, sigma = edm_loss(D, x0, cond, noise, generator)
-    loss = per_sample.mean()
+    """One optimiser step over micro-batches (gradient accumulation): drop embeddings, EDM loss under
+    autocast, backpropagate, clip, step."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses, sigmas = [], []
+    for x0, cond in batches:
+        cond = drop_embeddings(cond, dropout, generator)
+        with autocast_for(x0.device, dtype):
+            per_sample, sigma = edm_loss(D, x0, cond, noise, generator)
+        (per_sample.mean() / len(batches)).backward()
+        losses.append(per_sample.detach())
+        sigmas.append(sigma)
     grad_norm = torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip) if grad_clip else None
     optimizer.step()
-    return StepResult(loss.detach(), per_sample.detach(), sigma, grad_norm)
+    per_sample = torch.cat(losses)
+    return StepResult(per_sample.mean(), per_sample, torch.cat(sigmas), grad_norm)

@@ -1,0 +1,370 @@
+"""Ray Train: the EDM denoiser on embedding shards (DDP or FSDP2), checkpointed, resumable, tracked.
+
+`train_loop_per_worker` only wires Ray (data shard, DDP, reporting); the step itself is
+`ediffi.training.train_step`. Checkpoints are ediffi checkpoint directories (weights, EMA,
+optimizer, step, RNG, data position) under `{output}/{name}/`, loadable without Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from ediffi.checkpoint import load_checkpoint, load_training_state, read_weights, save_checkpoint, save_training_state
+from ediffi.conditioning import DropoutConfig
+from ediffi.edm import NoiseDistribution
+from ediffi.ema import EMA
+from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
+from ediffi.presets import PRESETS, build_denoiser, get_preset
+from ediffi.training import train_step
+from ediffi_platform.config import from_dict, to_dict
+from ediffi_platform.reader import iter_torch, ray_dataset, shard_files
+from ediffi_platform.shards import check_compatible
+from ediffi_platform.storage import StorageConfig, filesystem, join
+from ediffi_platform.tracking import Tracker, TrackingConfig, check_reachable, flatten, resolve
+
+SIGMA_BUCKETS = (0.0, 0.05, 0.2, 1.0, 5.0, math.inf)  # per-noise-level loss buckets for metrics
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up."""
+
+    lr: float = 1e-3  # peak learning rate
+    betas: tuple[float, ...] = (0.9, 0.99)  # AdamW betas
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 100  # linear warm-up length
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    grad_accum: int = 1  # micro-batches per optimiser step
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The base (or expert) training job."""
+
+    data: str = "data/embeddings"  # embedding shards from jobs/precompute_embeddings.py
+    preset: str = "demo"  # network preset (ediffi.presets.PRESETS)
+    steps: int = 1000  # optimiser steps in total (a resumed run ends at the same count)
+    batch_size: int = 32  # micro-batch per worker
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser
+    ema_decay: float = 0.999  # constant EMA decay (ignored when ema_sigma_rel is set)
+    ema_sigma_rel: float | None = None  # EDM2 power EMA width instead of a constant decay
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)  # per-embedding dropout
+    sigma_lo: float = 0.0  # train only on sigma in [sigma_lo, sigma_hi) (experts)
+    sigma_hi: float = math.inf  # upper end of the noise interval
+    dtype: str = "auto"  # autocast dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    num_workers: int = 2  # Ray Train workers
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # CPUs per worker
+    strategy: str = "ddp"  # ddp (FSDP2 for models that do not fit one GPU is planned, not yet available)
+    checkpoint_every: int = 100  # steps between checkpoints (the last step is always saved)
+    log_every: int = 10  # steps between metric logs
+    shuffle_buffer: int = 256  # local shuffle buffer (rows)
+    seed: int = 0  # base seed (per-worker seeds derive from it)
+    output: str = "runs"  # storage root for checkpoints (folder or s3://)
+    name: str = "base"  # run name: checkpoints go to {output}/{name}/
+    init_from: str | None = None  # start from these weights (a checkpoint directory), e.g. an expert's parent
+    resume: str | None = None  # resume from this checkpoint instead of the latest under {output}/{name}
+    max_failures: int = 1  # worker-failure restarts (from the last checkpoint)
+    sample_images: int = 8  # images in the sample grid logged at each checkpoint (0 = none)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
+    ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
+    fail_at_step: int | None = None  # testing only: kill worker 1 once at this step
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for k in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.strategy != "ddp":
+            raise ValueError(f"strategy must be 'ddp' (FSDP2 is not implemented yet), got {self.strategy!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        NoiseDistribution(sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
+
+
+def _bucket_losses(per_sample: torch.Tensor, sigma: torch.Tensor) -> dict[str, tuple[float, int]]:
+    out = {}
+    for lo, hi in itertools.pairwise(SIGMA_BUCKETS):
+        m = (sigma >= lo) & (sigma < hi)
+        if m.any():
+            out[f"loss/sigma_{lo:g}-{hi:g}"] = (per_sample[m].sum().item(), int(m.sum()))
+    return out
+
+
+def _latest_checkpoint(cfg: TrainConfig) -> str | None:
+    """The checkpoint with the highest step under {output}/{name} (Ray's checkpoint_* folders)."""
+    fs, root = filesystem(join(cfg.output, cfg.name), cfg.storage)
+    best, best_step = None, -1
+    for marker in fs.glob(join(root, "checkpoint_*", "trainer.json")):
+        import json
+
+        with fs.open(marker) as f:
+            step = json.load(f)["state"]["step"]
+        if step > best_step:
+            best, best_step = marker.rsplit("/", 1)[0], step
+    if best is None:
+        return None
+    return best if "://" not in cfg.output else f"{cfg.output.split('://')[0]}://{best}"
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train worker: build, restore, then loop train_step -> EMA -> metrics -> checkpoint."""
+    cfg = from_dict(TrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    dtype = ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
+    net_cfg = get_preset(cfg.preset)
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    D = build_denoiser(net_cfg)
+    if cfg.init_from:
+        D.net.load_state_dict(load_checkpoint(cfg.init_from)[0].net.state_dict())
+    ema = EMA(D.net, cfg.ema_decay, cfg.ema_sigma_rel)
+    D.to(device)
+    opt = torch.optim.AdamW(
+        D.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    state = {"step": 0, "epoch": 0, "batches_into_epoch": 0, "mlflow_run_id": config.get("run_id")}
+    ckpt = ray.train.get_checkpoint()  # after a worker failure: this run's latest
+    if ckpt is None and config.get("resume"):  # a new run continuing an earlier one
+        fs, path = filesystem(config["resume"], cfg.storage)
+        ckpt = ray.train.Checkpoint(path, filesystem=_arrow_fs(fs) if "://" in config["resume"] else None)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
+            ema.load(read_weights(Path(d) / "ema.safetensors"), 0)
+            state = load_training_state(d, opt)
+            ema.updates = state.get("ema_updates", state["step"])
+        torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
+    model = _wrap(D, cfg, device)
+    tracker = Tracker(cfg.tracking, run_id=state.get("mlflow_run_id")) if rank == 0 else None
+    noise = NoiseDistribution(sigma_lo=cfg.sigma_lo, sigma_hi=cfg.sigma_hi)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7 + rank + 104729 * state["step"])
+    meta = config["meta"]
+    shard = ray.train.get_dataset_shard("train")
+    fail_marker = Path(config["fail_marker"]) if config.get("fail_marker") else None
+    pending: list[tuple[dict, int]] = []  # metrics waiting for the next checkpoint
+    window: dict = {"loss": 0.0, "n": 0, "images": 0, "t": time.perf_counter(), "buckets": {}}
+    while state["step"] < cfg.steps:
+        skip = state["batches_into_epoch"]
+        micro = []
+        for i, (images, cond) in enumerate(
+            iter_torch(shard, meta, cfg.batch_size, cfg.shuffle_buffer, seed=cfg.seed + state["epoch"])
+        ):
+            if i < skip:
+                continue  # resume inside an epoch: skip what was already trained on
+            state["batches_into_epoch"] = i + 1
+            micro.append((images.to(device), cond.to(device)))
+            last_cond = micro[-1][1]
+            if len(micro) < cfg.optim.grad_accum:
+                continue
+            for g in opt.param_groups:
+                g["lr"] = cfg.optim.lr * min(1.0, (state["step"] + 1) / max(1, cfg.optim.warmup_steps))
+            res = train_step(
+                model,
+                opt,
+                micro,
+                noise=noise,
+                dropout=cfg.dropout,
+                grad_clip=cfg.optim.grad_clip or None,
+                dtype=dtype,
+                generator=gen,
+            )
+            micro = []
+            ema.update(D.net)
+            state["step"] += 1
+            _accumulate(window, res, cfg.batch_size * cfg.optim.grad_accum * world)
+            if fail_marker is not None and state["step"] == cfg.fail_at_step and rank == 1 and not fail_marker.exists():
+                fail_marker.touch()
+                os._exit(1)  # testing only: a worker process dies mid-run
+            last = state["step"] == cfg.steps
+            metrics = (
+                _window_metrics(window, net_cfg, state["step"])
+                if (state["step"] % cfg.log_every == 0 or last)
+                else None
+            )
+            if metrics and tracker:
+                # Held back until the next checkpoint is committed: steps redone after a failure
+                # are then logged once, and MLflow's series stays continuous.
+                pending.append((dict(metrics), state["step"]))
+                print(
+                    f"[train {cfg.name}] step {state['step']}/{cfg.steps} loss {metrics['loss']:.4f} "
+                    f"{metrics['images_per_s']:.1f} img/s",
+                    flush=True,
+                )
+            if state["step"] % cfg.checkpoint_every == 0 or last:
+                state["ema_updates"] = ema.updates
+                state["mlflow_run_id"] = tracker.run_id if tracker else state.get("mlflow_run_id")
+                _report(cfg, net_cfg, D, ema, opt, state, metrics or {}, rank, tracker, micro_cond=last_cond)
+                if tracker:
+                    for m, at in pending:
+                        tracker.metrics(m, at)
+                    pending.clear()
+            if last:
+                break
+        else:
+            state["epoch"] += 1
+            state["batches_into_epoch"] = 0
+    if tracker:
+        tracker.finish()
+    return {"step": state["step"], "mlflow_run_id": state.get("mlflow_run_id")}
+
+
+def _wrap(D: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    return ray.train.torch.prepare_model(D, move_to_device=False)  # DDP (gloo on CPU, NCCL on GPU)
+
+
+def _accumulate(window: dict, res, images: int) -> None:
+    window["loss"] += res.loss.item()
+    window["n"] += 1
+    window["images"] += images
+    for k, (s, n) in _bucket_losses(res.per_sample, res.sigma).items():
+        a, b = window["buckets"].get(k, (0.0, 0))
+        window["buckets"][k] = (a + s, b + n)
+
+
+def _window_metrics(window: dict, net_cfg, step: int) -> dict:
+    dt = time.perf_counter() - window["t"]
+    out = {
+        "loss": window["loss"] / max(1, window["n"]),
+        "images_per_s": window["images"] / dt,
+        "step_time_s": dt / max(1, window["n"]),
+    }
+    out.update({k: s / n for k, (s, n) in window["buckets"].items()})
+    if torch.cuda.is_available():
+        from ediffi.presets import forward_flops
+
+        flops = 3 * forward_flops(net_cfg) * out["images_per_s"]
+        out["achieved_tflops"] = flops / 1e12
+        out["mfu"] = flops / 989e12  # against H100/H200 dense bf16 peak
+    window.update(loss=0.0, n=0, images=0, t=time.perf_counter(), buckets={})
+    return out
+
+
+def _report(cfg, net_cfg, D, ema, opt, state, metrics, rank, tracker, micro_cond) -> None:
+    """Every rank calls report; rank 0 attaches the checkpoint and logs a sample grid."""
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(
+                d,
+                net_cfg,
+                D,
+                ema=ema.state_dict(),
+                metadata={"step": state["step"], "sigma_lo": cfg.sigma_lo, "sigma_hi": cfg.sigma_hi, "run": cfg.name},
+            )
+            save_training_state(d, opt, dict(state))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+            if tracker and cfg.sample_images:
+                tracker.image(
+                    _sample_grid(net_cfg, ema, micro_cond, cfg.sample_images), f"samples/step_{state['step']:07d}.png"
+                )
+        ray.train.report({**metrics, "step": state["step"]}, checkpoint=checkpoint)
+        if tracker:
+            tracker.tag("checkpoint.latest_step", str(state["step"]))
+
+
+@torch.no_grad()
+def _sample_grid(net_cfg, ema: EMA, cond, n: int) -> np.ndarray:
+    D = build_denoiser(net_cfg)
+    D.net.load_state_dict(ema.state_dict())
+    cond = cond[:n].to("cpu")
+    R = net_cfg.img_resolution
+    imgs = sample(D.eval(), cond, (3, R, R), list(range(len(cond))), SamplerConfig(steps=12, guidance=2.0))
+    return grid(to_uint8(imgs)).numpy()
+
+
+def run_training(cfg: TrainConfig, progress=print) -> dict:
+    """Validate everything the workers will need, then fit (resuming from the latest checkpoint)."""
+    from ray.train.torch import TorchTrainer
+
+    # 1. Before any worker starts: data, schema vs model, tracking.
+    _, meta = shard_files(cfg.data, cfg.storage)
+    net_cfg = get_preset(cfg.preset)
+    check_compatible(meta, net_cfg.cond, net_cfg.img_resolution, cfg.data)
+    tracking = resolve(cfg.tracking)
+    reason = check_reachable(tracking)
+    if reason:
+        warnings.warn(f"MLflow at {tracking.uri} is unreachable ({reason}); training continues untracked", stacklevel=2)
+        tracking = replace(tracking, enabled=False)
+    output = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
+    cfg = replace(cfg, tracking=tracking, output=output)
+
+    # 2. Resume: an explicit checkpoint, else the latest one of this run name.
+    resume = cfg.resume or _latest_checkpoint(cfg)
+    run_id = None
+    if resume:
+        state = _read_state(resume, cfg.storage)
+        run_id = state.get("mlflow_run_id")
+        progress(f"train {cfg.name}: resuming from {resume} (step {state['step']})")
+        if state["step"] >= cfg.steps:
+            progress(f"train {cfg.name}: already at step {state['step']} >= {cfg.steps}; nothing to do")
+            return {"checkpoint": resume, "step": state["step"], "mlflow_run_id": run_id}
+    if run_id is None:
+        tracker = Tracker(tracking, run_name=cfg.name)
+        tracker.params(flatten(to_dict(cfg)))
+        run_id = tracker.run_id
+
+    # 3. Fit.
+    fs, _ = filesystem(output, cfg.storage)
+    ds, _ = ray_dataset(cfg.data, cfg.storage)
+    marker = None
+    if cfg.fail_at_step:
+        marker = os.path.join(tempfile.gettempdir(), f"ediffi-fail-{cfg.name}-{os.getpid()}-{time.time_ns()}")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "meta": meta,
+            "run_id": run_id,
+            "fail_marker": marker,
+            "resume": resume,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=output.split("://", 1)[1] if "://" in output else output,
+            storage_filesystem=_arrow_fs(fs) if "://" in output else None,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    done = result.return_value or {}
+    path = result.checkpoint.path if result.checkpoint else None
+    progress(f"train {cfg.name}: finished at step {done.get('step')}; checkpoint {path}")
+    return {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id}
+
+
+def _arrow_fs(fs):
+    from ediffi_platform.storage import arrow_filesystem
+
+    return arrow_filesystem(fs)
+
+
+def _read_state(ckpt: str, storage: StorageConfig) -> dict:
+    import json
+
+    fs, p = filesystem(ckpt, storage)
+    f = join(p, "trainer.json")
+    if not fs.exists(f):
+        raise FileNotFoundError(f"{ckpt}: not a training checkpoint (no trainer.json)")
+    with fs.open(f) as fh:
+        return json.load(fh)["state"]

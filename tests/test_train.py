@@ -1,0 +1,131 @@
+"""Ray Train on a local 2-CPU cluster: loss falls, checkpoints load without Ray, faults, resume, MLflow."""
+
+import math
+import warnings
+from dataclasses import replace
+
+import mlflow
+import pytest
+import torch
+
+from ediffi.checkpoint import load_checkpoint
+from ediffi.conditioning import DropoutConfig
+from ediffi.edm import NoiseDistribution, edm_loss
+from ediffi.presets import build_denoiser, get_preset
+from ediffi_platform.ingest import ImageFilter, InputConfig
+from ediffi_platform.precompute import PrecomputeConfig, run_precompute
+from ediffi_platform.reader import iter_batches
+from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
+from ediffi_platform.tracking import TrackingConfig
+from ediffi_platform.train import OptimConfig, TrainConfig, run_training
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory, ray_local):
+    d = tmp_path_factory.mktemp("train")
+    write_synthetic(SyntheticConfig(output=str(d / "in"), rows=48, shards=2))
+    run_precompute(
+        PrecomputeConfig(
+            input=InputConfig(path=str(d / "in")),
+            output=str(d / "emb"),
+            image=ImageFilter(resolution=16),
+            batch_size=16,
+        ),
+        progress=lambda *_: None,
+    )
+    return d
+
+
+def _cfg(emb, tmp_path, **kw):
+    base = TrainConfig(
+        data=str(emb / "emb"),
+        preset="tiny",
+        steps=30,
+        batch_size=8,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        optim=OptimConfig(lr=2e-3, warmup_steps=5),
+        dropout=DropoutConfig(0.0, 0.0, 0.0),
+        checkpoint_every=10,
+        log_every=5,
+        output=str(tmp_path / "runs"),
+        sample_images=4,
+        tracking=TrackingConfig(
+            uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "mlruns").as_uri()
+        ),
+    )
+    return replace(base, **kw)
+
+
+def _dataset_loss(D, emb) -> float:
+    g = torch.Generator().manual_seed(123)
+    losses = [edm_loss(D, x, c, NoiseDistribution(), g)[0] for x, c in iter_batches(str(emb / "emb"), 48)]
+    return torch.cat(losses).mean().item()
+
+
+def _history(cfg, run_id, key="loss"):
+    c = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    return [m.step for m in c.get_metric_history(run_id, key)], c
+
+
+def test_two_workers_overfit_and_checkpoint_loads_without_ray(emb, tmp_path):
+    cfg = _cfg(emb, tmp_path, steps=60, checkpoint_every=30)
+    out = run_training(cfg, progress=lambda *_: None)
+    assert out["step"] == 60
+    torch.manual_seed(0)  # rank 0's initial weights (DDP broadcasts them)
+    before = _dataset_loss(build_denoiser(get_preset("tiny")).eval(), emb)
+    with torch.no_grad():
+        D, meta = load_checkpoint(out["checkpoint"])
+        after = _dataset_loss(D, emb)
+        ema, _ = load_checkpoint(out["checkpoint"], use_ema=True)
+        assert math.isfinite(_dataset_loss(ema, emb))
+    assert meta["step"] == 60 and after < 0.8 * before, (before, after)
+    steps, client = _history(cfg, out["mlflow_run_id"])
+    assert steps == list(range(5, 61, 5))
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.data.params["preset"] == "tiny" and run.data.params["optim.lr"] == "0.002"
+    assert "loss/sigma_0.2-1" in run.data.metrics and run.data.tags["checkpoint.latest_step"] == "60"
+    assert [a.path for a in client.list_artifacts(out["mlflow_run_id"], "samples")] == [
+        "samples/step_0000030.png",
+        "samples/step_0000060.png",
+    ]
+
+
+def test_worker_killed_mid_run_restarts_from_checkpoint(emb, tmp_path):
+    cfg = _cfg(emb, tmp_path, fail_at_step=15, max_failures=1)
+    out = run_training(cfg, progress=lambda *_: None)
+    assert out["step"] == 30
+    steps, _ = _history(cfg, out["mlflow_run_id"])
+    assert steps == [5, 10, 15, 20, 25, 30]  # one continuous series, the lost steps redone once
+
+
+def test_stopped_job_resumes_from_its_checkpoint(emb, tmp_path):
+    cfg = _cfg(emb, tmp_path, steps=20)
+    first = run_training(cfg, progress=lambda *_: None)
+    logs = []
+    second = run_training(replace(cfg, steps=40), progress=logs.append)
+    assert any("resuming from" in m and "(step 20)" in m for m in logs)
+    assert second["step"] == 40 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    steps, _ = _history(cfg, first["mlflow_run_id"])
+    assert steps == list(range(5, 41, 5))
+
+
+def test_bad_setups_fail_before_workers_start(emb, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no manifest\.json"):
+        run_training(_cfg(emb, tmp_path, data=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="shards hold 16px images, the model expects 32px"):
+        run_training(_cfg(emb, tmp_path, preset="demo"))
+    with pytest.raises(ValueError, match="strategy"):
+        _cfg(emb, tmp_path, strategy="zero3")
+
+
+def test_unreachable_tracking_server_warns_and_trains(emb, tmp_path):
+    cfg = _cfg(
+        emb, tmp_path, steps=2, num_workers=1, checkpoint_every=2, tracking=TrackingConfig(uri="http://127.0.0.1:9")
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_training(cfg, progress=lambda *_: None)
+    assert out["step"] == 2 and any("unreachable" in str(w.message) for w in caught)
