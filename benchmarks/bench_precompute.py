@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--ray", nargs="+", default=["1x2", "1x1", "2x1"], help="Ray runs as ACTORSxTHREADS")
     a = p.parse_args()
     import ray
 
@@ -80,7 +81,7 @@ def main() -> None:
         replace(base, output=f"{tmp}/warmup", input=replace(base.input, path=f"{tmp}/in/00000.parquet")),
         progress=lambda *_: None,
     )
-    for actors, threads in ((1, 2), (1, 1), (2, 1)):
+    for actors, threads in (tuple(int(v) for v in r.split("x")) for r in a.ray):
         cfg = replace(base, output=f"{tmp}/ray{actors}x{threads}", concurrency=actors, threads_per_actor=threads)
         run = run_precompute(cfg, progress=lambda *_: None)["last_run"]
         rate, steady = run["rows_per_s"], run["rows_per_s_after_startup"]

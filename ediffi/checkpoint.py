@@ -30,6 +30,16 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, unsafe, or does not match its network."""
 
 
+def read_json_file(f: Path, what: str, error: type[Exception] = CheckpointError):
+    """Parse a JSON file; a missing or malformed file raises `error` naming the file and `what` it is."""
+    try:
+        return json.loads(Path(f).read_text())
+    except FileNotFoundError:
+        raise error(f"{f}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{f}: {what} is not valid JSON ({e})") from None
+
+
 def _state(module_or_state: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(module_or_state, EDMPrecond):
         module_or_state = module_or_state.net
@@ -63,12 +73,7 @@ def save_checkpoint(
 def read_config(path: str | Path) -> tuple[UNetConfig, dict]:
     """The network config and metadata stored in a checkpoint directory."""
     f = Path(path) / CONFIG_FILE
-    if not f.is_file():
-        raise CheckpointError(f"{f}: checkpoint config not found")
-    try:
-        doc = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    doc = read_json_file(f, "checkpoint config")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{f}: not an ediffi checkpoint config (format != {FORMAT!r})")
     if doc.get("version") != VERSION:
@@ -159,13 +164,7 @@ def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, stat
 def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore optimizer and RNG from a checkpoint directory; returns the saved `state` dict."""
     path = Path(path)
-    f = path / TRAINER_FILE
-    try:
-        doc = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{f}: training state not found (a weights-only checkpoint?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    doc = read_json_file(path / TRAINER_FILE, "training state (of a weights-only checkpoint?)")
     tensors = read_weights(path / OPTIM_FILE)
     if optimizer is not None:
         state: dict = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ediffi.checkpoint import CONFIG_FILE, MODEL_FILE, load_checkpoint
+from ediffi.checkpoint import CONFIG_FILE, MODEL_FILE, load_checkpoint, read_json_file
 from ediffi.conditioning import Cond
 from ediffi.edm import Denoiser, NoiseDistribution
 
@@ -158,12 +158,7 @@ def write_manifest(
 def read_manifest(path: str | Path) -> tuple[list[Interval], list[Path], dict]:
     """Parse and validate a manifest: coverage of [0, inf), no overlaps, checkpoint files present."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: ensemble manifest not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: ensemble manifest is not valid JSON ({e})") from None
+    doc = read_json_file(path, "ensemble manifest", ValueError)
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path}: not an ediffi ensemble manifest (format != {MANIFEST_FORMAT!r})")
     entries = doc.get("experts")
