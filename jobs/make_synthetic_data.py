@@ -6,7 +6,7 @@ python jobs/make_synthetic_data.py data.output=data/synthetic data.rows=2000 dat
 import sys
 from dataclasses import dataclass, field
 
-from ediffi_platform.config import job_config
+from ediffi_platform.config import job_config, run_job
 from ediffi_platform.storage import StorageConfig
 from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
 
@@ -22,9 +22,11 @@ class Job:
 def main(argv=None) -> int:
     job = job_config(Job, argv, __doc__)  # e.g. data.rows=2000 data.output=...
 
-    urls = write_synthetic(job.data, job.storage)
-    print(f"wrote {job.data.rows} rows in {len(urls)} shards to {job.data.output}")
-    return 0
+    def body():
+        urls = write_synthetic(job.data, job.storage)
+        print(f"wrote {job.data.rows} rows in {len(urls)} shards to {job.data.output}")
+
+    return run_job(body)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,18 @@ import json
 import sys
 
 from ediffi_platform.cluster import ensure_ray
-from ediffi_platform.config import job_config
+from ediffi_platform.config import job_config, run_job
 from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 
 
 def main(argv=None) -> int:
     cfg = job_config(PrecomputeConfig, argv, __doc__)
-    ensure_ray(cfg.ray_address)
-    manifest = run_precompute(cfg)
-    print(json.dumps(manifest["totals"], indent=2))
-    return 0
+
+    def body():
+        ensure_ray(cfg.ray_address)
+        print(json.dumps(run_precompute(cfg)["totals"], indent=2))
+
+    return run_job(body)
 
 
 if __name__ == "__main__":

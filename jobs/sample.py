@@ -70,4 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:  # bad checkpoint, manifest or settings: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -7,15 +7,18 @@ ray job submit --working-dir . -- python jobs/train_base.py --config CONFIG num_
 import sys
 
 from ediffi_platform.cluster import ensure_ray
-from ediffi_platform.config import job_config
+from ediffi_platform.config import job_config, run_job
 from ediffi_platform.train import TrainConfig, run_training
 
 
 def main(argv=None) -> int:
     cfg = job_config(TrainConfig, argv, __doc__)
-    ensure_ray(cfg.ray_address)
-    run_training(cfg)
-    return 0
+
+    def body():
+        ensure_ray(cfg.ray_address)
+        run_training(cfg)
+
+    return run_job(body)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,19 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(PrecomputeConfig, tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_config(PrecomputeConfig, None, ["concurrency"])
+
+
+def test_jobs_end_bad_input_with_one_clear_line(tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ediffi_platform.config import run_job
+
+    def bad():
+        raise FileNotFoundError("input path /x does not exist")
+
+    assert run_job(bad) == 2 and capsys.readouterr().err == "error: input path /x does not exist\n"
+    job = Path(__file__).resolve().parents[1] / "jobs" / "make_synthetic_data.py"
+    out = subprocess.run([sys.executable, str(job), "data.rows=0"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "need 1 <= shards <= rows" in out.stderr and "Traceback" not in out.stderr

@@ -142,3 +142,15 @@ def job_config(cls: type[T], argv: list[str] | None, description: str) -> T:
         return load_config(cls, a.config, a.overrides)
     except ConfigError as e:
         p.error(str(e))
+
+
+def run_job(fn) -> int:
+    """Run a job body; bad input (config, paths, schemas) ends with one clear line, not a traceback."""
+    import sys
+
+    try:
+        fn()
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -8,6 +8,7 @@ optimizer, step, RNG, data position) under `{output}/{name}/`, loadable without 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import tempfile
@@ -111,8 +112,6 @@ def _latest_checkpoint(cfg: TrainConfig) -> str | None:
     fs, root = filesystem(join(cfg.output, cfg.name), cfg.storage)
     best, best_step = None, -1
     for marker in fs.glob(join(root, "checkpoint_*", "trainer.json")):
-        import json
-
         with fs.open(marker) as f:
             step = json.load(f)["state"]["step"]
         if step > best_step:
@@ -360,8 +359,6 @@ def _arrow_fs(fs):
 
 
 def _read_state(ckpt: str, storage: StorageConfig) -> dict:
-    import json
-
     fs, p = filesystem(ckpt, storage)
     f = join(p, "trainer.json")
     if not fs.exists(f):
