@@ -55,6 +55,14 @@ class CondSpec:
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"CondSpec.{f.name} must be a positive int, got {v!r}")
 
+    def first_difference(self, expected: CondSpec) -> tuple[str, int, int] | None:
+        """(field, this value, expected value) of the first field that differs, or None."""
+        for f in fields(self):
+            got, want = getattr(self, f.name), getattr(expected, f.name)
+            if got != want:
+                return f.name, got, want
+        return None
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample shape of every schema field."""
         return {

@@ -117,7 +117,7 @@ def text_to_image(
 
 def check_compatible(encoder_spec, network_spec) -> None:
     """Raise naming the first field where the encoders' outputs disagree with what the network expects."""
-    for name, want in vars(network_spec).items():
-        got = getattr(encoder_spec, name)
-        if got != want:
-            raise ValueError(f"encoders produce {name}={got} but the network expects {name}={want}")
+    diff = encoder_spec.first_difference(network_spec)
+    if diff:
+        name, got, want = diff
+        raise ValueError(f"encoders produce {name}={got} but the network expects {name}={want}")

@@ -126,7 +126,7 @@ def check_compatible(meta: ShardMeta, spec: CondSpec, resolution: int, where: st
     """Raise naming the first difference between the shards' layout and what a model expects."""
     if meta.resolution != resolution:
         raise ValueError(f"{where}: shards hold {meta.resolution}px images, the model expects {resolution}px")
-    for name, want in asdict(spec).items():
-        got = getattr(meta.spec, name)
-        if got != want:
-            raise ValueError(f"{where}: shards have {name}={got}, the model expects {name}={want}")
+    diff = meta.spec.first_difference(spec)
+    if diff:
+        name, got, want = diff
+        raise ValueError(f"{where}: shards have {name}={got}, the model expects {name}={want}")
