@@ -141,11 +141,12 @@ def load_checkpoint(
 OPTIM_FILE, TRAINER_FILE = "optimizer.safetensors", "trainer.json"
 
 
-def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer | dict, state: dict) -> None:
     """Optimizer tensors as safetensors; its hyper-parameters, `state` (step, data position, ...) and
-    the torch RNG as JSON/safetensors, so training resumes exactly."""
+    the torch RNG as JSON/safetensors, so training resumes exactly. `optimizer` is an optimizer or
+    its state dict (e.g. the full, name-keyed one of `ediffi.distributed.full_optimizer_state`)."""
     path = Path(path)
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -161,24 +162,36 @@ def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer, stat
     (path / TRAINER_FILE).write_text(json.dumps(doc, indent=2))
 
 
+def _param_id(pid: str) -> int | str:
+    return int(pid) if pid.isdigit() else pid  # optimizer index, or a parameter name (full state)
+
+
+def read_optimizer_state(path: str | Path) -> dict:
+    """The optimizer state dict saved in a checkpoint directory, as `save_training_state` got it."""
+    path = Path(path)
+    doc = read_json_file(path / TRAINER_FILE, "training state (of a weights-only checkpoint?)")
+    state: dict = {}
+    for k, v in read_weights(path / OPTIM_FILE).items():
+        if k.startswith("state."):
+            pid, name = k.removeprefix("state.").rsplit(".", 1)  # parameter names contain dots
+            state.setdefault(_param_id(pid), {})[name] = v
+    for k, v in doc["scalars"].items():
+        pid, name = k.rsplit(".", 1)
+        state.setdefault(_param_id(pid), {})[name] = v
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in doc["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore optimizer and RNG from a checkpoint directory; returns the saved `state` dict."""
+    """Restore the torch RNG (and `optimizer`, when given and saved from a plain optimizer) from a
+    checkpoint directory; returns the saved `state` dict (step, data position, ...)."""
     path = Path(path)
     doc = read_json_file(path / TRAINER_FILE, "training state (of a weights-only checkpoint?)")
     tensors = read_weights(path / OPTIM_FILE)
     if optimizer is not None:
-        state: dict = {}
-        for k, v in tensors.items():
-            if k.startswith("state."):
-                _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = v
-        for k, v in doc["scalars"].items():
-            pid, name = k.split(".", 1)
-            state.setdefault(int(pid), {})[name] = v
-        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in doc["param_groups"]]
         try:
-            optimizer.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError, RuntimeError) as e:
+            optimizer.load_state_dict(read_optimizer_state(path))
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{path / OPTIM_FILE}: does not match the optimizer ({e})") from None
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():

@@ -1,4 +1,8 @@
-"""Exponential moving average of weights, kept in fp32: constant decay or EDM2-style power EMA."""
+"""Exponential moving average of weights, kept in fp32: constant decay or EDM2-style power EMA.
+
+Under FSDP2 the average is sharded like the weights it follows (DTensors); `full_state_dict`
+gathers it for checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def power_gamma(sigma_rel: float) -> float:
@@ -45,18 +50,29 @@ class EMA:
         for k, v in model.state_dict().items():
             s = self.shadow[k]
             if v.is_floating_point():
-                s.lerp_(v.detach().float().to(s.device), 1 - beta)
+                s.lerp_(v.detach().float(), 1 - beta)
             else:
                 s.copy_(v)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged weights, keyed like the model's state dict."""
+        """The averaged weights, keyed like the model's state dict (sharded under FSDP2)."""
         return self.shadow
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, unsharded, on CPU (under FSDP2 a collective: every rank calls it)."""
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in self.shadow.items()}
+
     def load(self, shadow: dict[str, torch.Tensor], updates: int) -> None:
-        """Restore from a checkpoint."""
+        """Restore from full (unsharded) weights, e.g. a checkpoint's; sharded again like the model."""
         missing = set(self.shadow) ^ set(shadow)
         if missing:
             raise ValueError(f"EMA weights do not match the model: {sorted(missing)[:3]}")
-        self.shadow = {k: v.float().clone() for k, v in shadow.items()}
+        self.shadow = {k: _like(self.shadow[k], v.float()) for k, v in shadow.items()}
         self.updates = updates
+
+
+def _like(current: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` placed like `current`: same device, and the same shards when `current` is a DTensor."""
+    if isinstance(current, DTensor):
+        return distribute_tensor(full.to(current.device), current.device_mesh, current.placements)
+    return full.to(current.device).clone()

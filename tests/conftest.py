@@ -75,3 +75,27 @@ def ray_local():
     yield
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3 HTTP API (moto server) on 127.0.0.1 with a bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="ediffi")
+    from ediffi_platform.storage import StorageConfig
+
+    yield StorageConfig(endpoint_url=endpoint, key="test", secret="test", region="us-east-1")
+    server.stop()

@@ -15,7 +15,6 @@ from ediffi_platform.ingest import ImageFilter, InputConfig
 from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 from ediffi_platform.reader import iter_batches, iter_torch, ray_dataset, shard_files
 from ediffi_platform.shards import to_tensors
-from ediffi_platform.storage import StorageConfig
 from ediffi_platform.synthetic import LABELS, SyntheticConfig, write_synthetic
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -153,28 +152,6 @@ def test_schema_problems_fail_before_any_work(tmp_path):
     other = PrecomputeConfig(**{**cfg.__dict__, "encoders": EncoderConfig(seed=3)})
     with pytest.raises(ValueError, match="made with encoders="):
         run_precompute(other, progress=lambda *_: None)
-
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A real S3 HTTP API (moto server) on 127.0.0.1 with a bucket."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    ).create_bucket(Bucket="ediffi")
-    yield StorageConfig(endpoint_url=endpoint, key="test", secret="test", region="us-east-1")
-    server.stop()
 
 
 def test_s3_input_and_output(s3_server):

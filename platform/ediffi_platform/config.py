@@ -144,8 +144,13 @@ def job_config(cls: type[T], argv: list[str] | None, description: str) -> T:
         p.error(str(e))
 
 
+class JobFailed(RuntimeError):
+    """A job's work failed after its retries (the message says what, and how to resume)."""
+
+
 def run_job(fn) -> int:
-    """Run a job body; bad input (config, paths, schemas) ends with one clear line, not a traceback."""
+    """Run a job body; bad input (config, paths, schemas) ends with one clear line and exit 2, a
+    failed job (JobFailed) with one line and exit 1, not a traceback."""
     import sys
 
     try:
@@ -154,3 +159,6 @@ def run_job(fn) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f"failed: {e}", file=sys.stderr)
+        return 1

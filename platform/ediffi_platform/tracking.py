@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +18,14 @@ class TrackingConfig:
     uri: str | None = None  # tracking URI; unset = MLFLOW_TRACKING_URI, else sqlite in the working folder
     experiment: str = "ediffi"  # experiment name
     artifact_root: str | None = None  # artifact location for a new experiment; unset = ./mlruns (absolute)
+    parent_run_id: str | None = None  # nest new runs under this one (set by jobs that launch runs, e.g. experts)
 
 
 def resolve(cfg: TrackingConfig) -> TrackingConfig:
     """Fix the URI and artifact root on the driver, so every worker agrees on them."""
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     root = cfg.artifact_root or (Path.cwd() / "mlruns").as_uri()
-    return TrackingConfig(cfg.enabled, uri, cfg.experiment, root)
+    return replace(cfg, uri=uri, artifact_root=root)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -102,6 +103,10 @@ class Tracker:
     def tag(self, key: str, value: str) -> None:
         """Set a run tag (e.g. the latest checkpoint's location)."""
         self._guard(lambda: self.client.set_tag(self.run_id, key, value))
+
+    def artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        """Log a local file as an artifact."""
+        self._guard(lambda: self.client.log_artifact(self.run_id, local_path, artifact_path))
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run."""

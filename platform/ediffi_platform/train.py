@@ -7,6 +7,7 @@ optimizer, step, RNG, data position) under `{output}/{name}/`, loadable without 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -23,8 +24,22 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ediffi.checkpoint import load_checkpoint, load_training_state, read_weights, save_checkpoint, save_training_state
+from ediffi.checkpoint import (
+    load_checkpoint,
+    load_training_state,
+    read_optimizer_state,
+    read_weights,
+    save_checkpoint,
+    save_training_state,
+)
 from ediffi.conditioning import DropoutConfig
+from ediffi.distributed import (
+    STRATEGIES,
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+    shard_denoiser,
+)
 from ediffi.edm import NoiseDistribution
 from ediffi.ema import EMA
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
@@ -69,7 +84,7 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 1.0  # CPUs per worker
-    strategy: str = "ddp"  # ddp (FSDP2 for models that do not fit one GPU is planned, not yet available)
+    strategy: str = "ddp"  # ddp, or fsdp (FSDP2 fully_shard: weights, grads and optimizer state sharded)
     checkpoint_every: int = 100  # steps between checkpoints (the last step is always saved)
     log_every: int = 10  # steps between metric logs
     shuffle_buffer: int = 256  # local shuffle buffer (rows)
@@ -83,7 +98,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
     ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
-    fail_at_step: int | None = None  # testing only: kill worker 1 once at this step
+    fail_at_step: int | None = None  # testing only: the last worker dies once (per output/name) at this step
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -91,8 +106,8 @@ class TrainConfig:
         for k in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.strategy != "ddp":
-            raise ValueError(f"strategy must be 'ddp' (FSDP2 is not implemented yet), got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         NoiseDistribution(sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
@@ -107,9 +122,10 @@ def _bucket_losses(per_sample: torch.Tensor, sigma: torch.Tensor) -> dict[str, t
     return out
 
 
-def _latest_checkpoint(cfg: TrainConfig) -> str | None:
-    """The checkpoint with the highest step under {output}/{name} (Ray's checkpoint_* folders)."""
-    fs, root = filesystem(join(cfg.output, cfg.name), cfg.storage)
+def latest_checkpoint(run: str, storage: StorageConfig = StorageConfig()) -> tuple[str | None, int]:
+    """The checkpoint with the highest step in a run folder (Ray's checkpoint_* folders) and its step;
+    (None, -1) when there is none."""
+    fs, root = filesystem(run, storage)
     best, best_step = None, -1
     for marker in fs.glob(join(root, "checkpoint_*", "trainer.json")):
         with fs.open(marker) as f:
@@ -117,8 +133,12 @@ def _latest_checkpoint(cfg: TrainConfig) -> str | None:
         if step > best_step:
             best, best_step = marker.rsplit("/", 1)[0], step
     if best is None:
-        return None
-    return best if "://" not in cfg.output else f"{cfg.output.split('://')[0]}://{best}"
+        return None, -1
+    return (best if "://" not in run else f"{run.split('://')[0]}://{best}"), best_step
+
+
+def _latest_checkpoint(cfg: TrainConfig) -> str | None:
+    return latest_checkpoint(join(cfg.output, cfg.name), cfg.storage)[0]
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -129,28 +149,38 @@ def train_loop_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
     net_cfg = get_preset(cfg.preset)
-    torch.manual_seed(cfg.seed * 1000 + rank)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 does not broadcast)
     D = build_denoiser(net_cfg)
-    if cfg.init_from:
-        D.net.load_state_dict(load_checkpoint(cfg.init_from)[0].net.state_dict())
-    ema = EMA(D.net, cfg.ema_decay, cfg.ema_sigma_rel)
-    D.to(device)
-    opt = torch.optim.AdamW(
-        D.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-    )
     state = {"step": 0, "epoch": 0, "batches_into_epoch": 0, "mlflow_run_id": config.get("run_id")}
     ckpt = ray.train.get_checkpoint()  # after a worker failure: this run's latest
     if ckpt is None and config.get("resume"):  # a new run continuing an earlier one
-        fs, path = filesystem(config["resume"], cfg.storage)
-        ckpt = ray.train.Checkpoint(path, filesystem=_arrow_fs(fs) if "://" in config["resume"] else None)
+        ckpt = _checkpoint_at(config["resume"], cfg.storage)
+    restore = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
-            ema.load(read_weights(Path(d) / "ema.safetensors"), 0)
-            state = load_training_state(d, opt)
-            ema.updates = state.get("ema_updates", state["step"])
-        torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
-    model = _wrap(D, cfg, device)
+            restore = (read_weights(Path(d) / "ema.safetensors"), read_optimizer_state(d))
+            state = load_training_state(d)
+    elif cfg.init_from:  # an expert starts from its parent: its weights, and its EMA continues the parent's
+        with _checkpoint_at(cfg.init_from, cfg.storage).as_directory() as d:
+            D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
+            if (Path(d) / "ema.safetensors").exists():
+                parent = load_training_state(d) if (Path(d) / "trainer.json").exists() else {}
+                restore = (read_weights(Path(d) / "ema.safetensors"), None)
+                state["ema_updates"] = parent.get("ema_updates", parent.get("step", 0))
+    D.to(device)
+    model = (
+        shard_denoiser(D, device) if cfg.strategy == "fsdp" else ray.train.torch.prepare_model(D, move_to_device=False)
+    )
+    ema = EMA(D.net, cfg.ema_decay, cfg.ema_sigma_rel)  # after sharding: sharded like the weights
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    if restore is not None:
+        ema.load(restore[0], state.get("ema_updates", state["step"]))
+        if restore[1] is not None:
+            load_optimizer_state(model, opt, restore[1])
+    torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
     tracker = Tracker(cfg.tracking, run_id=state.get("mlflow_run_id")) if rank == 0 else None
     noise = NoiseDistribution(sigma_lo=cfg.sigma_lo, sigma_hi=cfg.sigma_hi)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7 + rank + 104729 * state["step"])
@@ -188,7 +218,12 @@ def train_loop_per_worker(config: dict) -> dict:
             ema.update(D.net)
             state["step"] += 1
             _accumulate(window, res, cfg.batch_size * cfg.optim.grad_accum * world)
-            if fail_marker is not None and state["step"] == cfg.fail_at_step and rank == 1 and not fail_marker.exists():
+            if (
+                fail_marker is not None
+                and state["step"] == cfg.fail_at_step
+                and rank == world - 1
+                and not fail_marker.exists()
+            ):
                 fail_marker.touch()
                 os._exit(1)  # testing only: a worker process dies mid-run
             last = state["step"] == cfg.steps
@@ -209,7 +244,7 @@ def train_loop_per_worker(config: dict) -> dict:
             if state["step"] % cfg.checkpoint_every == 0 or last:
                 state["ema_updates"] = ema.updates
                 state["mlflow_run_id"] = tracker.run_id if tracker else state.get("mlflow_run_id")
-                _report(cfg, net_cfg, D, ema, opt, state, metrics or {}, rank, tracker, micro_cond=last_cond)
+                _report(cfg, net_cfg, model, ema, opt, state, metrics or {}, rank, tracker, micro_cond=last_cond)
                 if tracker:
                     for m, at in pending:
                         tracker.metrics(m, at)
@@ -224,13 +259,11 @@ def train_loop_per_worker(config: dict) -> dict:
     return {"step": state["step"], "mlflow_run_id": state.get("mlflow_run_id")}
 
 
-def _wrap(D: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    return ray.train.torch.prepare_model(D, move_to_device=False)  # DDP (gloo on CPU, NCCL on GPU)
-
-
 def _accumulate(window: dict, res, images: int) -> None:
     window["loss"] += res.loss.item()
     window["n"] += 1
+    window["sigma_min"] = min(window.get("sigma_min", math.inf), res.sigma.min().item())
+    window["sigma_max"] = max(window.get("sigma_max", 0.0), res.sigma.max().item())
     window["images"] += images
     for k, (s, n) in _bucket_losses(res.per_sample, res.sigma).items():
         a, b = window["buckets"].get(k, (0.0, 0))
@@ -245,6 +278,7 @@ def _window_metrics(window: dict, net_cfg, step: int) -> dict:
         "step_time_s": dt / max(1, window["n"]),
     }
     out.update({k: s / n for k, (s, n) in window["buckets"].items()})
+    out.update({"sigma/min": window.pop("sigma_min", math.nan), "sigma/max": window.pop("sigma_max", math.nan)})
     if torch.cuda.is_available():
         from ediffi.presets import forward_flops
 
@@ -255,23 +289,27 @@ def _window_metrics(window: dict, net_cfg, step: int) -> dict:
     return out
 
 
-def _report(cfg, net_cfg, D, ema, opt, state, metrics, rank, tracker, micro_cond) -> None:
-    """Every rank calls report; rank 0 attaches the checkpoint and logs a sample grid."""
+def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, micro_cond) -> None:
+    """Every rank gathers the full state (collectives under FSDP2) and calls report; rank 0 writes
+    the checkpoint and logs a sample grid."""
+    weights, ema_weights = full_model_state(model), ema.full_state_dict()
+    optim_state = full_optimizer_state(model, opt)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
             save_checkpoint(
                 d,
                 net_cfg,
-                D,
-                ema=ema.state_dict(),
+                weights,
+                ema=ema_weights,
                 metadata={"step": state["step"], "sigma_lo": cfg.sigma_lo, "sigma_hi": cfg.sigma_hi, "run": cfg.name},
             )
-            save_training_state(d, opt, dict(state))
+            save_training_state(d, optim_state, dict(state))
             checkpoint = ray.train.Checkpoint.from_directory(d)
             if tracker and cfg.sample_images:
                 tracker.image(
-                    _sample_grid(net_cfg, ema, micro_cond, cfg.sample_images), f"samples/step_{state['step']:07d}.png"
+                    _sample_grid(net_cfg, ema_weights, micro_cond, cfg.sample_images),
+                    f"samples/step_{state['step']:07d}.png",
                 )
         ray.train.report({**metrics, "step": state["step"]}, checkpoint=checkpoint)
         if tracker:
@@ -279,13 +317,22 @@ def _report(cfg, net_cfg, D, ema, opt, state, metrics, rank, tracker, micro_cond
 
 
 @torch.no_grad()
-def _sample_grid(net_cfg, ema: EMA, cond, n: int) -> np.ndarray:
+def _sample_grid(net_cfg, ema_weights: dict, cond, n: int) -> np.ndarray:
     D = build_denoiser(net_cfg)
-    D.net.load_state_dict(ema.state_dict())
+    D.net.load_state_dict(ema_weights)
     cond = cond[:n].to("cpu")
     R = net_cfg.img_resolution
     imgs = sample(D.eval(), cond, (3, R, R), list(range(len(cond))), SamplerConfig(steps=12, guidance=2.0))
     return grid(to_uint8(imgs)).numpy()
+
+
+def validate_training(cfg: TrainConfig) -> dict:
+    """The checks that need no worker: data present, shards' schema and resolution vs the model.
+    Returns the shards' layout metadata."""
+    _, meta = shard_files(cfg.data, cfg.storage)
+    net_cfg = get_preset(cfg.preset)
+    check_compatible(meta, net_cfg.cond, net_cfg.img_resolution, cfg.data)
+    return meta
 
 
 def run_training(cfg: TrainConfig, progress=print) -> dict:
@@ -293,9 +340,7 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     from ray.train.torch import TorchTrainer
 
     # 1. Before any worker starts: data, schema vs model, tracking.
-    _, meta = shard_files(cfg.data, cfg.storage)
-    net_cfg = get_preset(cfg.preset)
-    check_compatible(meta, net_cfg.cond, net_cfg.img_resolution, cfg.data)
+    meta = validate_training(cfg)
     tracking = resolve(cfg.tracking)
     reason = check_reachable(tracking)
     if reason:
@@ -303,6 +348,8 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
         tracking = replace(tracking, enabled=False)
     output = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
     cfg = replace(cfg, tracking=tracking, output=output)
+    if cfg.init_from:
+        _checkpoint_at(cfg.init_from, cfg.storage)  # fails now, naming the path, if it is not a checkpoint
 
     # 2. Resume: an explicit checkpoint, else the latest one of this run name.
     resume = cfg.resume or _latest_checkpoint(cfg)
@@ -315,7 +362,7 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
             progress(f"train {cfg.name}: already at step {state['step']} >= {cfg.steps}; nothing to do")
             return {"checkpoint": resume, "step": state["step"], "mlflow_run_id": run_id}
     if run_id is None:
-        tracker = Tracker(tracking, run_name=cfg.name)
+        tracker = Tracker(tracking, run_name=cfg.name, parent_run_id=tracking.parent_run_id)
         tracker.params(flatten(to_dict(cfg)))
         run_id = tracker.run_id
 
@@ -324,7 +371,8 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     ds, _ = ray_dataset(cfg.data, cfg.storage)
     marker = None
     if cfg.fail_at_step:
-        marker = os.path.join(tempfile.gettempdir(), f"ediffi-fail-{cfg.name}-{os.getpid()}-{time.time_ns()}")
+        key = hashlib.sha1(join(output, cfg.name).encode()).hexdigest()[:16]
+        marker = os.path.join(tempfile.gettempdir(), f"ediffi-fail-{key}")  # once per run, also across reruns
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -348,8 +396,18 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     result = trainer.fit()
     done = result.return_value or {}
     path = result.checkpoint.path if result.checkpoint else None
+    if path and "://" in output:
+        path = f"{output.split('://', 1)[0]}://{path}"
     progress(f"train {cfg.name}: finished at step {done.get('step')}; checkpoint {path}")
     return {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id}
+
+
+def _checkpoint_at(uri: str, storage: StorageConfig) -> ray.train.Checkpoint:
+    """A checkpoint directory (local or s3://) as a Ray checkpoint, for `as_directory()`."""
+    fs, path = filesystem(uri, storage)
+    if not fs.exists(join(path, "config.json")):
+        raise FileNotFoundError(f"{uri}: not an ediffi checkpoint (no config.json)")
+    return ray.train.Checkpoint(path, filesystem=_arrow_fs(fs) if "://" in uri else None)
 
 
 def _arrow_fs(fs):

@@ -1,0 +1,257 @@
+"""Expert fine-tuning: split the base model's noise range and fine-tune every expert as its own
+concurrent Ray Train run, then write the ensemble manifest that generation loads.
+
+Each expert is an ordinary training run (`ediffi_platform.train.run_training`) with
+`sigma_lo`/`sigma_hi` set to its interval and `init_from` its parent's checkpoint; runs are
+launched as zero-CPU Ray tasks, so they share the cluster and wait for resources rather than fail.
+A failed expert is retried alone (resuming from its own checkpoints); re-running the job skips
+finished experts. MLflow: one parent run for the ensemble, a child run per expert.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+
+import ray
+
+from ediffi.edm import NoiseDistribution
+from ediffi.ensemble import EDIFFI_BASE_QUANTILES, Interval, boundaries_from_quantiles, split_interval, tree_quantiles
+from ediffi.ensemble import intervals_from_boundaries as _intervals
+from ediffi.ensemble import write_manifest as _write_manifest
+from ediffi_platform.config import JobFailed, from_dict, to_dict
+from ediffi_platform.storage import filesystem, join, read_json, write_json
+from ediffi_platform.tracking import Tracker, check_reachable, flatten, resolve
+from ediffi_platform.train import TrainConfig, latest_checkpoint, run_training, validate_training
+
+MANIFEST = "manifest.json"
+STATE = "ensemble.json"  # the job's own state: MLflow parent run, experts finished
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """How to split the noise range. Set one of boundaries / quantiles / tree_depth; none set means
+    eDiff-I's three experts (quantiles 1/8 and 511/512 of the training noise distribution)."""
+
+    boundaries: tuple[float, ...] | None = None  # inner sigma boundaries, increasing
+    quantiles: tuple[float, ...] | None = None  # inner quantiles (0..1) of the training noise distribution
+    tree_depth: int | None = None  # binary tree of this depth over the distribution's mass (2^depth experts)
+    hierarchical: bool = False  # tree only: split, fine-tune, then split the children again, level by level
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("boundaries", "quantiles", "tree_depth") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set only one of boundaries, quantiles, tree_depth (got {given})")
+        if self.hierarchical and self.tree_depth is None:
+            raise ValueError("hierarchical needs tree_depth")
+        if self.tree_depth is not None and not 1 <= self.tree_depth <= 6:
+            raise ValueError(f"tree_depth must be in 1..6, got {self.tree_depth}")
+        self.levels()  # boundaries increasing, quantiles in (0, 1)
+
+    def levels(self, noise: NoiseDistribution = NoiseDistribution()) -> list[list[tuple[Interval, int | None]]]:
+        """Per level, each expert's interval and the index of its parent in the level before
+        (None: the base model). Flat plans have one level."""
+        if self.hierarchical:
+            out, current = [], [Interval(0.0, math.inf)]
+            for _ in range(self.tree_depth):
+                level = [(half, p) for p, iv in enumerate(current) for half in split_interval(iv, noise)]
+                out.append(level)
+                current = [iv for iv, _ in level]
+            return out
+        if self.boundaries is not None:
+            bounds = list(self.boundaries)
+        elif self.tree_depth is not None:
+            bounds = boundaries_from_quantiles(tree_quantiles(self.tree_depth), noise)
+        else:
+            bounds = boundaries_from_quantiles(self.quantiles or EDIFFI_BASE_QUANTILES, noise)
+        return [[(iv, None) for iv in _intervals(bounds)]]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The expert fine-tuning job."""
+
+    base: str = "runs/base"  # base checkpoint: a checkpoint folder, or a training run folder (its latest)
+    plan: ExpertPlan = field(default_factory=ExpertPlan)  # how the noise range is split
+    train: TrainConfig = field(default_factory=TrainConfig)  # how each expert trains (steps = per expert)
+    experts: dict = field(default_factory=dict)  # per-expert overrides of `train` by name, e.g. {expert1: {steps: 500}}
+    output: str = "runs/experts"  # expert runs and the ensemble manifest go here (folder or s3://)
+    name: str = "ensemble"  # MLflow parent run name
+    retries: int = 1  # reruns of an expert whose training run failed (each resumes from its checkpoints)
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        names = set(expert_names(self.plan))
+        for k, v in self.experts.items():
+            if k not in names:
+                raise ValueError(f"experts.{k}: no such expert in the plan (experts: {sorted(names)})")
+            if not isinstance(v, dict):
+                raise ValueError(f"experts.{k}: expected a mapping of training settings, got {v!r}")
+            bad = {"sigma_lo", "sigma_hi", "init_from", "name", "output"} & set(v)
+            if bad:
+                raise ValueError(f"experts.{k}: {sorted(bad)} are set by the plan, not per expert")
+
+
+def expert_names(plan: ExpertPlan) -> list[str]:
+    """Stable names of every expert the plan trains, level by level."""
+    levels = plan.levels()
+    if len(levels) == 1:
+        return [f"expert{i}" for i in range(len(levels[0]))]
+    return [f"level{d + 1}-expert{i}" for d, level in enumerate(levels) for i in range(len(level))]
+
+
+def expert_configs(cfg: FinetuneConfig, base: str) -> list[list[tuple[str, str | None, TrainConfig]]]:
+    """Each expert's name, parent expert (None: the base model) and training config, level by level.
+    An expert's init_from is its parent's final checkpoint, known once the level before finished."""
+    names = iter(expert_names(cfg.plan))
+    out = []
+    for d, level in enumerate(cfg.plan.levels()):
+        row = []
+        for iv, parent in level:
+            name = next(names)
+            t = replace(cfg.train, sigma_lo=iv.lo, sigma_hi=iv.hi, name=name, output=cfg.output)
+            t = replace(t, init_from=base, resume=None)
+            if name in cfg.experts:
+                t = from_dict(TrainConfig, {**to_dict(t), **cfg.experts[name]}, f"experts.{name}")
+            row.append((name, None if parent is None else f"level{d}-expert{parent}", t))
+        out.append(row)
+    return out
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _fit(train: dict) -> dict:
+    """One expert's Ray Train run, driven from a zero-CPU task so that several run at once."""
+    cfg = from_dict(TrainConfig, train)
+    return run_training(cfg, progress=lambda m: print(m, flush=True))
+
+
+def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
+    """Fine-tune every expert of the plan (concurrently per level), then write the manifest."""
+    storage = cfg.train.storage
+    output = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
+    base = resolve_checkpoint(cfg.base, storage)
+    tracking = resolve(cfg.train.tracking)
+    reason = check_reachable(tracking)
+    if reason:
+        import warnings
+
+        warnings.warn(f"MLflow at {tracking.uri} is unreachable ({reason}); experts train untracked", stacklevel=2)
+        tracking = replace(tracking, enabled=False)
+    cfg = replace(cfg, output=output, train=replace(cfg.train, tracking=tracking))
+    levels = expert_configs(cfg, base)
+    validate_training(cfg.train)  # data, schema vs model: before anything starts
+
+    fs, root = filesystem(output, storage)
+    state_file = join(root, STATE)
+    state = read_json(fs, state_file) if fs.exists(state_file) else {}
+    parent = Tracker(tracking, run_id=state.get("mlflow_run_id"), run_name=cfg.name)
+    if parent.run_id and not state.get("mlflow_run_id"):
+        parent.params(flatten({"base": base, "plan": to_dict(cfg.plan), "retries": cfg.retries}))
+        parent.params(flatten({"train": to_dict(cfg.train)}))
+    state["mlflow_run_id"] = parent.run_id
+    write_json(fs, state_file, state)
+    tracking = replace(tracking, parent_run_id=parent.run_id)
+
+    done: dict[str, dict] = {}
+    for level in levels:
+        jobs = []
+        for name, parent_name, t in level:
+            t = replace(t, tracking=tracking)
+            if parent_name is not None:
+                t = replace(t, init_from=done[parent_name]["checkpoint"])
+            params = {f"{name}.sigma_lo": t.sigma_lo, f"{name}.sigma_hi": t.sigma_hi, f"{name}.steps": t.steps}
+            parent.params(flatten(params))
+            ckpt, step = latest_checkpoint(join(output, name), storage)
+            if step >= t.steps:
+                progress(
+                    f"experts: {name} [{t.sigma_lo:.4g}, {t.sigma_hi:.4g}) finished earlier (step {step}); skipped"
+                )
+                done[name] = {"checkpoint": ckpt, "step": step, "skipped": True}
+                continue
+            jobs.append((name, t))
+        failed = _run_concurrently(jobs, cfg.retries, done, progress)
+        if failed:
+            parent.finish("FAILED")
+            raise JobFailed(
+                f"experts {failed} failed after {cfg.retries} retries; re-run the job to resume them "
+                f"(finished experts are skipped)"
+            )
+
+    intervals = [Interval(t.sigma_lo, t.sigma_hi) for _, _, t in levels[-1]]
+    checkpoints = [done[name]["checkpoint"] for name, _, _ in levels[-1]]
+    manifest = write_manifest(output, intervals, checkpoints, {"base": base, "plan": to_dict(cfg.plan)}, storage)
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, MANIFEST)
+        with fs.open(join(root, MANIFEST)) as src, open(local, "wb") as dst:
+            dst.write(src.read())
+        parent.artifact(local)
+    parent.tag("manifest", manifest)
+    parent.finish()
+    state["finished"] = sorted(done)
+    write_json(fs, state_file, state)
+    progress(f"experts: manifest {manifest} ({len(intervals)} experts)")
+    return {"manifest": manifest, "experts": done, "mlflow_run_id": parent.run_id}
+
+
+def _run_concurrently(jobs: list[tuple[str, TrainConfig]], retries: int, done: dict, progress) -> list[str]:
+    """Launch every job at once; a failed one is relaunched alone (resuming) up to `retries` times."""
+    running, attempts, failed = {}, {}, []
+
+    def launch(name: str, t: TrainConfig) -> None:
+        attempts[name] = attempts.get(name, 0) + 1
+        progress(
+            f"experts: starting {name} [{t.sigma_lo:.4g}, {t.sigma_hi:.4g}) from {t.init_from} "
+            f"(attempt {attempts[name]})"
+        )
+        running[_fit.remote(to_dict(t))] = (name, t, time.time())
+
+    for name, t in jobs:
+        launch(name, t)
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        name, t, t0 = running.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except Exception as e:  # the run failed beyond its own worker restarts
+            msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+            if attempts[name] <= retries:
+                progress(f"experts: {name} failed ({msg}); retrying")
+                launch(name, t)
+            else:
+                progress(f"experts: {name} failed ({msg}); giving up after {attempts[name]} attempts")
+                failed.append(name)
+            continue
+        done[name] = {**result, "attempts": attempts[name], "seconds": time.time() - t0}
+        progress(f"experts: {name} finished at step {result['step']} in {time.time() - t0:.0f} s")
+    return sorted(failed)
+
+
+def resolve_checkpoint(path: str, storage=None) -> str:
+    """A checkpoint folder as given, or the latest checkpoint of a training run folder."""
+    from ediffi_platform.storage import StorageConfig
+
+    storage = storage or StorageConfig()
+    fs, p = filesystem(path, storage)
+    if fs.exists(join(p, "config.json")):
+        return path if "://" in path else os.path.abspath(path)
+    ckpt, _ = latest_checkpoint(path if "://" in path else os.path.abspath(path), storage)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a training run with checkpoints")
+    return ckpt
+
+
+def write_manifest(output: str, intervals, checkpoints, metadata: dict, storage) -> str:
+    """The ensemble manifest in `output`, checkpoints relative to it (so the folder can move)."""
+    fs, root = filesystem(output, storage)
+    rel = [c.split("://", 1)[-1] for c in checkpoints]
+    rel = [os.path.relpath(c, root) if c.startswith(root.rstrip("/") + "/") else c for c in rel]
+    if "://" not in output:
+        return str(_write_manifest(os.path.join(output, MANIFEST), intervals, rel, metadata))
+    with tempfile.TemporaryDirectory() as d:
+        local = _write_manifest(os.path.join(d, MANIFEST), intervals, rel, metadata)
+        fs.put(str(local), join(root, MANIFEST))
+    return join(output, MANIFEST)
