@@ -77,7 +77,12 @@ def ray_dataset(root_url: str, storage: StorageConfig = StorageConfig()) -> tupl
     """A Ray Dataset over the embedding rows (for `ray.train.get_dataset_shard`), and their layout."""
     files, meta = shard_files(root_url, storage)
     afs = arrow_filesystem(filesystem(root_url, storage)[0])
-    return ray.data.read_parquet(files, filesystem=afs, override_num_blocks=len(files)), meta
+    # Reading is light; a quarter CPU per read task keeps the reader scheduled when training
+    # workers hold nearly every CPU (a 1-CPU read request would wait forever behind them).
+    ds = ray.data.read_parquet(
+        files, filesystem=afs, override_num_blocks=len(files), ray_remote_args={"num_cpus": 0.25}
+    )
+    return ds, meta
 
 
 def iter_torch(

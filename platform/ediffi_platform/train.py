@@ -48,7 +48,7 @@ from ediffi.training import train_step
 from ediffi_platform.config import from_dict, to_dict
 from ediffi_platform.reader import iter_torch, ray_dataset, shard_files
 from ediffi_platform.shards import check_compatible
-from ediffi_platform.storage import StorageConfig, filesystem, join
+from ediffi_platform.storage import StorageConfig, filesystem, join, read_json
 from ediffi_platform.tracking import Tracker, TrackingConfig, check_reachable, flatten, resolve
 
 SIGMA_BUCKETS = (0.0, 0.05, 0.2, 1.0, 5.0, math.inf)  # per-noise-level loss buckets for metrics
@@ -84,6 +84,7 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 1.0  # CPUs per worker
+    threads_per_worker: int = 0  # torch CPU threads per worker; 0 = its CPU share rounded up
     strategy: str = "ddp"  # ddp, or fsdp (FSDP2 fully_shard: weights, grads and optimizer state sharded)
     checkpoint_every: int = 100  # steps between checkpoints (the last step is always saved)
     log_every: int = 10  # steps between metric logs
@@ -147,6 +148,8 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray gives fractional-CPU workers one thread; use the configured share
+        torch.set_num_threads(cfg.threads_per_worker or max(1, math.ceil(cfg.cpus_per_worker)))
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
     net_cfg = get_preset(cfg.preset)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 does not broadcast)
@@ -160,7 +163,7 @@ def train_loop_per_worker(config: dict) -> dict:
         with ckpt.as_directory() as d:
             D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
             restore = (read_weights(Path(d) / "ema.safetensors"), read_optimizer_state(d))
-            state = load_training_state(d)
+            state = {**load_training_state(d), "mlflow_run_id": config.get("run_id")}  # the driver's choice
     elif cfg.init_from:  # an expert starts from its parent: its weights, and its EMA continues the parent's
         with _checkpoint_at(cfg.init_from, cfg.storage).as_directory() as d:
             D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
@@ -244,7 +247,19 @@ def train_loop_per_worker(config: dict) -> dict:
             if state["step"] % cfg.checkpoint_every == 0 or last:
                 state["ema_updates"] = ema.updates
                 state["mlflow_run_id"] = tracker.run_id if tracker else state.get("mlflow_run_id")
-                _report(cfg, net_cfg, model, ema, opt, state, metrics or {}, rank, tracker, micro_cond=last_cond)
+                _report(
+                    cfg,
+                    net_cfg,
+                    model,
+                    ema,
+                    opt,
+                    state,
+                    metrics or {},
+                    rank,
+                    tracker,
+                    last_cond,
+                    config.get("encoders"),
+                )
                 if tracker:
                     for m, at in pending:
                         tracker.metrics(m, at)
@@ -289,7 +304,7 @@ def _window_metrics(window: dict, net_cfg, step: int) -> dict:
     return out
 
 
-def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, micro_cond) -> None:
+def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, micro_cond, encoders) -> None:
     """Every rank gathers the full state (collectives under FSDP2) and calls report; rank 0 writes
     the checkpoint and logs a sample grid."""
     weights, ema_weights = full_model_state(model), ema.full_state_dict()
@@ -302,7 +317,13 @@ def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, micro_
                 net_cfg,
                 weights,
                 ema=ema_weights,
-                metadata={"step": state["step"], "sigma_lo": cfg.sigma_lo, "sigma_hi": cfg.sigma_hi, "run": cfg.name},
+                metadata={
+                    "step": state["step"],
+                    "sigma_lo": cfg.sigma_lo,
+                    "sigma_hi": cfg.sigma_hi,
+                    "run": cfg.name,
+                    "encoders": encoders,  # what made the training embeddings: generation encodes alike
+                },
             )
             save_training_state(d, optim_state, dict(state))
             checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -335,6 +356,14 @@ def validate_training(cfg: TrainConfig) -> dict:
     return meta
 
 
+def data_encoders(data: str, storage: StorageConfig) -> dict | None:
+    """The encoder settings recorded in an embedding folder's manifest (None if it has none)."""
+    from ediffi_platform.precompute import MANIFEST
+
+    fs, root = filesystem(data, storage)
+    return read_json(fs, join(root, MANIFEST)).get("encoders")
+
+
 def run_training(cfg: TrainConfig, progress=print) -> dict:
     """Validate everything the workers will need, then fit (resuming from the latest checkpoint)."""
     from ray.train.torch import TorchTrainer
@@ -356,7 +385,8 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     run_id = None
     if resume:
         state = _read_state(resume, cfg.storage)
-        run_id = state.get("mlflow_run_id")
+        own = resume.split("://", 1)[-1].startswith(join(output, cfg.name).split("://", 1)[-1] + "/")
+        run_id = state.get("mlflow_run_id") if own else None  # another run's checkpoint: a new MLflow run
         progress(f"train {cfg.name}: resuming from {resume} (step {state['step']})")
         if state["step"] >= cfg.steps:
             progress(f"train {cfg.name}: already at step {state['step']} >= {cfg.steps}; nothing to do")
@@ -381,6 +411,7 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
             "run_id": run_id,
             "fail_marker": marker,
             "resume": resume,
+            "encoders": data_encoders(cfg.data, cfg.storage),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}

@@ -1,0 +1,34 @@
+"""Generate images for every prompt in a file with Ray Data generator actors; re-run to resume.
+
+python jobs/generate.py --config configs/generate_demo.yaml --prompts prompts.txt --out outputs/generated
+ray job submit --working-dir . -- python jobs/generate.py --config CONFIG --prompts s3://b/prompts.jsonl \\
+    --out s3://b/images model=s3://b/runs/experts/manifest.json num_gpus=1 concurrency=8
+"""
+
+import sys
+
+from ediffi_platform.cluster import ensure_ray
+from ediffi_platform.config import job_config, run_job
+from ediffi_platform.generate import GenerateConfig, run_generate
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for flag, key in (("--prompts", "prompts"), ("--out", "out"), ("--model", "model")):
+        if flag in argv:  # shorthands for the most used settings
+            i = argv.index(flag)
+            if i + 1 >= len(argv):
+                print(f"error: {flag} needs a value", file=sys.stderr)
+                return 2
+            argv[i : i + 2] = [f"{key}={argv[i + 1]}"]
+    cfg = job_config(GenerateConfig, argv, __doc__)
+
+    def body():
+        ensure_ray(cfg.ray_address)
+        run_generate(cfg)
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Batch generation: a prompt file -> images + metadata Parquet, with Ray Data generator actors.
+
+Every requested image gets a stable id (a hash of prompt, seed and settings, never the prompt text)
+that names its file; an actor writes a batch's images, then one metadata part named by a hash of
+the batch's ids, so a retried batch overwrites rather than duplicates, and a re-run skips every id
+already in the metadata. Seeds are per image (per-sample generators): the same prompt, seed and
+settings give the same image whatever batch or actor runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from ediffi.checkpoint import read_config
+from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi.pipeline import SamplerConfig, check_compatible, grid, sample, to_uint8
+from ediffi_platform.config import JobFailed, from_dict, to_dict
+from ediffi_platform.prompts import Request, read_prompts
+from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join, write_json
+from ediffi_platform.tracking import Tracker, TrackingConfig, check_reachable, flatten, resolve
+
+IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
+METADATA = "metadata"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """The batch-generation job."""
+
+    prompts: str = "prompts.txt"  # .txt / .jsonl / .csv / .parquet, local or s3://
+    out: str = "outputs/generated"  # images/ + metadata/ + summary.json (folder or s3://)
+    model: str = "runs/experts/manifest.json"  # ensemble manifest, checkpoint folder, or training run folder
+    use_ema: bool = True  # EMA weights where the checkpoint has them
+    encoders: EncoderConfig | None = None  # unset = the encoders recorded with the model's training data
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=32, guidance=2.0))  # defaults per row
+    images_per_prompt: int = 1  # images per row (a .jsonl/.csv row's `images` overrides)
+    seed: int = 0  # a row without a seed uses seed + 1000 * line; its image k uses that + k
+    prompt_column: str = "prompt"  # the prompt column of .csv / .parquet files
+    on_bad_row: str = "skip"  # skip (report and count) or fail
+    image_format: str = "png"  # png or webp
+    batch_size: int = 8  # images per actor call
+    concurrency: int = 1  # generator actors
+    num_gpus: float = 0.0  # GPUs per actor
+    num_cpus: float = 1.0  # CPUs per actor
+    threads_per_actor: int = 0  # torch CPU threads per actor; 0 = its CPU share rounded up
+    grid_images: int = 16  # images in the sample grid logged to MLflow (0 = none)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
+    ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
+    fail_after: int | None = None  # testing only: an actor dies once after writing this many images of a batch
+
+    def __post_init__(self) -> None:
+        if self.on_bad_row not in ("skip", "fail"):
+            raise ValueError(f"on_bad_row must be skip or fail, got {self.on_bad_row!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {self.image_format!r}")
+        for k in ("batch_size", "concurrency", "images_per_prompt"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+# --- the model: a manifest, a checkpoint or a run folder, local or on S3 ------------------------
+
+
+def _is_manifest(path: str) -> bool:
+    return path.endswith(".json")
+
+
+def fetch_model(uri: str, storage: StorageConfig, cache: str | None = None) -> str:
+    """A local path to the model: as given when local, else downloaded (a manifest with the
+    checkpoints it names, or one checkpoint folder) into `cache`."""
+    if "://" not in uri:
+        return uri
+    fs, path = filesystem(uri, storage)
+    cache = cache or tempfile.mkdtemp(prefix="ediffi-model-")
+    if not _is_manifest(path):
+        fs.get(path.rstrip("/") + "/", cache, recursive=True)
+        return cache
+    local = os.path.join(cache, os.path.basename(path))
+    fs.get(path, local)
+    doc = json.loads(Path(local).read_text())
+    for e in doc.get("experts", []):
+        ck = e.get("checkpoint", "")
+        if "://" in ck or ck.startswith("/"):
+            src, rel = ck, hashlib.sha1(ck.encode()).hexdigest()[:12]
+            e["checkpoint"] = rel
+        else:
+            src, rel = join(path.rsplit("/", 1)[0], ck), ck
+        fs.get(src.split("://", 1)[-1].rstrip("/") + "/", os.path.join(cache, rel), recursive=True)
+    Path(local).write_text(json.dumps(doc, indent=2))
+    return local
+
+
+def resolve_model(uri: str, storage: StorageConfig) -> str:
+    """A manifest or checkpoint as given; a training run folder -> its latest checkpoint."""
+    if _is_manifest(uri):
+        fs, p = filesystem(uri, storage)
+        if not fs.exists(p):
+            raise FileNotFoundError(f"{uri}: ensemble manifest not found")
+        return uri
+    from ediffi_platform.experts import resolve_checkpoint
+
+    return resolve_checkpoint(uri, storage)
+
+
+def load_model(local: str, use_ema: bool, device: str):
+    """(denoiser, network config, metadata of the first checkpoint) from a local manifest or checkpoint."""
+    from ediffi.checkpoint import load_checkpoint
+    from ediffi.ensemble import load_ensemble, read_manifest
+
+    if _is_manifest(local):
+        first = read_manifest(local)[1][0]
+        net_cfg, meta = read_config(first)
+        return load_ensemble(local, use_ema=use_ema, device=device), net_cfg, meta
+    ema = use_ema and os.path.isfile(os.path.join(local, "ema.safetensors"))
+    D, meta = load_checkpoint(local, use_ema=ema, device=device)
+    return D, read_config(local)[0], meta
+
+
+def model_id(uri: str, storage: StorageConfig) -> str:
+    """A short content hash of the manifest or checkpoint config (changes when the model does)."""
+    fs, p = filesystem(uri, storage)
+    with fs.open(p if _is_manifest(uri) else join(p, "config.json"), "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:12]
+
+
+# --- rows: one per requested image ---------------------------------------------------------------
+
+
+def expand(requests: list[Request], cfg: GenerateConfig, mid: str) -> list[dict]:
+    """One row per image with its resolved settings and stable id."""
+    rows = []
+    for r in requests:
+        base = r.seed if r.seed is not None else cfg.seed + 1000 * r.line
+        for k in range(r.images or cfg.images_per_prompt):
+            row = {
+                "prompt": r.prompt,
+                "seed": base + k,
+                "steps": r.steps or cfg.sampler.steps,
+                "guidance": cfg.sampler.guidance if r.guidance is None else r.guidance,
+                "sampler": cfg.sampler.sampler,
+                "style": r.style or "",
+                "line": r.line,
+            }
+            key = json.dumps([row[k] for k in ("prompt", "seed", "steps", "guidance", "sampler", "style")] + [mid])
+            row["id"] = hashlib.sha1(key.encode()).hexdigest()[:20]
+            rows.append(row)
+    return rows
+
+
+def done_ids(cfg: GenerateConfig) -> set[str]:
+    """Ids already in the output's metadata parts."""
+    fs, root = filesystem(cfg.out, cfg.storage)
+    parts = fs.glob(join(root, METADATA, "part-*.parquet"))
+    afs = arrow_filesystem(fs)
+    out: set[str] = set()
+    for p in parts:
+        out.update(pq.read_table(p, columns=["id"], filesystem=afs).column("id").to_pylist())
+    return out
+
+
+def image_path(cfg: GenerateConfig, id_: str) -> str:
+    """Where an image goes, relative to the output folder."""
+    return f"images/{id_[:2]}/{id_}.{cfg.image_format}"
+
+
+class _Timed:
+    """A denoiser wrapper that adds up the time spent inside the network."""
+
+    def __init__(self, D):
+        self.D, self.seconds = D, 0.0
+
+    def __call__(self, x, sigma, cond):
+        t = time.perf_counter()
+        out = self.D(x, sigma, cond)
+        self.seconds += time.perf_counter() - t
+        return out
+
+
+class ImageGenerator:
+    """Ray Data callable class: model and encoders loaded once; a batch of rows -> images, metadata."""
+
+    def __init__(self, cfg: GenerateConfig, model: str, mid: str, encoders: dict):
+        self.cfg, self.model, self.mid = cfg, model, mid
+        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(cfg.threads_per_actor or max(1, math.ceil(cfg.num_cpus)))
+        local = fetch_model(model, cfg.storage)
+        D, self.net_cfg, _ = load_model(local, cfg.use_ema, self.device)
+        self.D = _Timed(D)
+        self.encoder = ConditioningEncoder(from_dict(EncoderConfig, encoders)).to(self.device).eval()
+        check_compatible(self.encoder.spec, self.net_cfg.cond)
+        self.fs, self.root = filesystem(cfg.out, cfg.storage)
+        self.ready = time.time()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        t0 = time.perf_counter()
+        cond, stats = self.encoder.encode([r["prompt"] for r in rows])
+        t1 = time.perf_counter()
+        R = self.net_cfg.img_resolution
+        images: list[np.ndarray | None] = [None] * len(rows)
+        self.D.seconds = 0.0
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault((r["steps"], r["guidance"], r["sampler"]), []).append(i)
+        for (steps, guidance, sampler), idx in groups.items():
+            scfg = replace(self.cfg.sampler, steps=steps, guidance=guidance, sampler=sampler)
+            x = sample(self.D, cond[idx], (3, R, R), [rows[i]["seed"] for i in idx], scfg, self.device)
+            for i, img in zip(idx, to_uint8(x).numpy(), strict=True):
+                images[i] = img
+        t2 = time.perf_counter()
+        for n, (r, img) in enumerate(zip(rows, images, strict=True)):
+            self._write_image(r["id"], img)
+            if self.cfg.fail_after is not None and n + 1 == self.cfg.fail_after:
+                self._maybe_die()
+        t3 = time.perf_counter()
+        per = (t3 - t0) / len(rows)
+        meta = {
+            "id": [r["id"] for r in rows],
+            "prompt": [r["prompt"] for r in rows],
+            "line": [r["line"] for r in rows],
+            "seed": [r["seed"] for r in rows],
+            "sampler": [r["sampler"] for r in rows],
+            "steps": [r["steps"] for r in rows],
+            "guidance": [float(r["guidance"]) for r in rows],
+            "style": [r["style"] for r in rows],
+            "model": [self.model] * len(rows),
+            "model_id": [self.mid] * len(rows),
+            "image": [image_path(self.cfg, r["id"]) for r in rows],
+            "truncated": stats.truncated_rows,
+            "seconds": [per] * len(rows),
+        }
+        digest = hashlib.sha1("\n".join(sorted(meta["id"])).encode()).hexdigest()[:16]
+        self.fs.makedirs(join(self.root, METADATA), exist_ok=True)
+        pq.write_table(
+            pa.table(meta), join(self.root, METADATA, f"part-{digest}.parquet"), filesystem=arrow_filesystem(self.fs)
+        )
+        n = len(rows)
+        return pa.table(
+            {
+                "id": meta["id"],
+                "truncated": stats.truncated_rows,
+                "encode_s": [(t1 - t0) / n] * n,
+                "sample_s": [(t2 - t1) / n] * n,
+                "network_s": [self.D.seconds / n] * n,
+                "write_s": [(t3 - t2) / n] * n,
+                "ready": [self.ready] * n,
+            }
+        )
+
+    def _write_image(self, id_: str, img: np.ndarray) -> None:
+        from PIL import Image
+
+        path = join(self.root, image_path(self.cfg, id_))
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            Image.fromarray(img).save(f, format=IMAGE_FORMATS[self.cfg.image_format])
+
+    def _maybe_die(self) -> None:
+        marker = join(self.root, ".fail_injected")
+        if not self.fs.exists(marker):
+            with self.fs.open(marker, "w") as f:
+                f.write("testing: one generator actor died here\n")
+            os._exit(1)
+
+
+def run_generate(cfg: GenerateConfig, progress=print) -> dict:
+    """Run the job (Ray must be initialised); returns the summary it writes to {out}/summary.json."""
+    t_start = time.time()
+    # 1. Everything checkable before any actor starts: prompts, model, encoders, tracking.
+    requests, pstats = read_prompts(cfg.prompts, cfg.storage, cfg.prompt_column, cfg.on_bad_row)
+    for line, reason in pstats.bad[:20]:
+        progress(f"generate: {cfg.prompts}: line {line}: {reason} (skipped)")
+    if len(pstats.bad) > 20:
+        progress(f"generate: ... and {len(pstats.bad) - 20} more bad rows")
+    model = resolve_model(cfg.model, cfg.storage)
+    mid = model_id(model, cfg.storage)
+    encoders = to_dict(cfg.encoders) if cfg.encoders else _model_encoders(model, cfg.storage)
+    if any(r.style for r in requests):
+        raise ValueError(f"{cfg.prompts}: rows with 'style' need style conditioning, which this version lacks")
+    if any(r.masks is not None for r in requests):
+        raise ValueError(f"{cfg.prompts}: rows with 'masks' need paint-with-words, which this version lacks")
+    tracking = resolve(cfg.tracking)
+    reason = check_reachable(tracking)
+    if reason:
+        import warnings
+
+        warnings.warn(f"MLflow at {tracking.uri} is unreachable ({reason}); generating untracked", stacklevel=2)
+        tracking = replace(tracking, enabled=False)
+
+    # 2. Rows, minus what an earlier run wrote.
+    rows = expand(requests, cfg, mid)
+    unique = {r["id"]: r for r in rows}
+    done = done_ids(cfg) & set(unique)
+    todo = [r for i, r in unique.items() if i not in done]
+    progress(
+        f"generate: {len(requests)} prompts ({pstats.rows} rows, {len(pstats.bad)} bad, {pstats.blank} blank) -> "
+        f"{len(unique)} images; {len(done)} already written, {len(todo)} to do"
+    )
+    # 3. Generate.
+    run: dict = {"images": 0, "truncated_prompts": 0}
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / cfg.batch_size)))
+        ds = ds.map_batches(
+            ImageGenerator,
+            fn_constructor_kwargs={"cfg": cfg, "model": model, "mid": mid, "encoders": encoders},
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+            num_gpus=cfg.num_gpus or None,
+            num_cpus=cfg.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        )
+        t0, ready, sums = time.time(), [], dict.fromkeys(("encode_s", "sample_s", "network_s", "write_s"), 0.0)
+        last = 0.0
+        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            n = b.num_rows
+            run["images"] += n
+            run["truncated_prompts"] += int(pa.compute.sum(b.column("truncated")).as_py() or 0)
+            ready.append(pa.compute.min(b.column("ready")).as_py())
+            for k in sums:
+                sums[k] += float(pa.compute.sum(b.column(k)).as_py())
+            now = time.time()
+            if now - last > 5 or run["images"] == len(todo):
+                rate = run["images"] / (now - t0)
+                eta = (len(todo) - run["images"]) / rate if rate > 0 else math.inf
+                progress(f"generate: {run['images']}/{len(todo)} images, {rate:.2f} img/s, ETA {eta:.0f} s")
+                last = now
+        end = time.time()
+        busy = sum(sums[k] for k in ("encode_s", "sample_s", "write_s"))
+        run.update(
+            seconds=end - t0,
+            images_per_s=run["images"] / (end - t0),
+            images_per_s_after_startup=run["images"] / (end - min(ready)),
+            seconds_per_image={k.removesuffix("_s"): v / run["images"] for k, v in sums.items()},
+            network_share=sums["network_s"] / busy if busy else 0.0,
+        )
+    # 4. Check: every requested id exactly once in the metadata, its image present.
+    summary = _finish(cfg, unique, pstats, run, mid, model, time.time() - t_start)
+    _track(cfg, tracking, summary, encoders)
+    progress(
+        f"generate: {summary['images_total']} images in {cfg.out} ({summary['generated_now']} now); "
+        f"metadata {join(cfg.out, METADATA)}/"
+    )
+    return summary
+
+
+def _model_encoders(model: str, storage: StorageConfig) -> dict:
+    fs, p = filesystem(model, storage)
+    if _is_manifest(model):
+        doc = json.loads(fs.cat(p))
+        ck = doc["experts"][0]["checkpoint"]
+        cfg_file = ck if ("://" in ck or ck.startswith("/")) else join(p.rsplit("/", 1)[0], ck)
+        cfg_file = join(cfg_file.split("://", 1)[-1], "config.json")
+    else:
+        cfg_file = join(p, "config.json")
+    meta = json.loads(fs.cat(cfg_file)).get("metadata", {})
+    if not meta.get("encoders"):
+        raise ValueError(
+            f"{model}: the checkpoint does not record its encoders (trained before they were recorded); "
+            "set encoders.* in the generation config"
+        )
+    return meta["encoders"]
+
+
+def _finish(cfg, unique: dict, pstats, run: dict, mid: str, model: str, seconds: float) -> dict:
+    fs, root = filesystem(cfg.out, cfg.storage)
+    afs = arrow_filesystem(fs)
+    ids: list[str] = []
+    for p in fs.glob(join(root, METADATA, "part-*.parquet")):
+        ids += pq.read_table(p, columns=["id"], filesystem=afs).column("id").to_pylist()
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    missing = [i for i in unique if i not in counts]
+    dupes = [i for i, n in counts.items() if n > 1]
+    if missing or dupes:
+        raise JobFailed(f"{cfg.out}: {len(missing)} requested images missing, {len(dupes)} duplicated in metadata")
+    summary = {
+        "prompts": cfg.prompts,
+        "model": model,
+        "model_id": mid,
+        "rows": pstats.rows,
+        "bad_rows": [{"line": n, "reason": r} for n, r in pstats.bad],
+        "blank_lines": pstats.blank,
+        "images_requested": len(unique),
+        "images_total": len(counts),
+        "generated_now": run["images"],
+        "skipped_done": len(unique) - run["images"],
+        "run": run,
+        "seconds": seconds,
+    }
+    write_json(fs, join(root, SUMMARY), summary)
+    return summary
+
+
+def _track(cfg, tracking, summary: dict, encoders: dict) -> None:
+    tracker = Tracker(tracking, run_name="generate")
+    if not tracker.run_id:
+        return
+    tracker.params(flatten({**to_dict(replace(cfg, tracking=tracking)), "encoders": encoders}))
+    run = summary["run"]
+    metrics = {k: run[k] for k in ("images", "images_per_s", "images_per_s_after_startup", "network_share") if k in run}
+    metrics.update({f"seconds_per_image/{k}": v for k, v in run.get("seconds_per_image", {}).items()})
+    metrics.update(bad_rows=len(summary["bad_rows"]), truncated_prompts=run["truncated_prompts"])
+    tracker.metrics(metrics, 0)
+    if cfg.grid_images:
+        fs, root = filesystem(cfg.out, cfg.storage)
+        from PIL import Image
+
+        paths = sorted(fs.glob(join(root, "images", "*", f"*.{cfg.image_format}")))[: cfg.grid_images]
+        if paths:
+            imgs = [np.asarray(Image.open(fs.open(p, "rb")).convert("RGB")) for p in paths]
+            tracker.image(grid(torch.from_numpy(np.stack(imgs))).numpy(), "samples/grid.png")
+    tracker.tag("output", cfg.out)
+    tracker.finish()

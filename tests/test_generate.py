@@ -1,0 +1,165 @@
+"""Batch generation: prompt files, determinism across batch sizes, resume, a dying actor, S3 output."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import randomize
+from ediffi.checkpoint import save_checkpoint
+from ediffi.encoders import EncoderConfig
+from ediffi.ensemble import intervals_from_boundaries, write_manifest
+from ediffi.pipeline import SamplerConfig
+from ediffi.presets import build_denoiser, get_preset
+from ediffi_platform.config import to_dict
+from ediffi_platform.generate import GenerateConfig, run_generate
+from ediffi_platform.prompts import PromptFileError, read_prompts
+from ediffi_platform.tracking import TrackingConfig
+
+JSONL = "\n".join(
+    [
+        '{"prompt": "a small red circle in the center on a white background"}',
+        "",
+        '{"prompt": "a big blue square at the top left", "seed": 7, "images": 2}',
+        '{"prompt": "broken", "seed": ',
+        '{"seed": 3}',
+        '{"prompt": "a green triangle", "guidance": 1.0, "steps": 3}',
+        '{"prompt": "typo", "sede": 3}',
+        '["not", "an", "object"]',
+    ]
+)
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.jsonl").write_text(JSONL)
+    reqs, stats = read_prompts(str(tmp_path / "p.jsonl"))
+    assert [r.line for r in reqs] == [1, 3, 6] and reqs[1].seed == 7 and reqs[1].images == 2
+    assert reqs[2].guidance == 1.0 and reqs[2].steps == 3
+    assert stats.blank == 1 and [n for n, _ in stats.bad] == [4, 5, 7, 8]
+    reasons = dict(stats.bad)
+    assert "invalid JSON" in reasons[4] and "prompt" in reasons[5] and "'sede'" in reasons[7] and "object" in reasons[8]
+    with pytest.raises(PromptFileError, match=r"p\.jsonl: line 4: invalid JSON"):
+        read_prompts(str(tmp_path / "p.jsonl"), on_bad_row="fail")
+
+    (tmp_path / "p.txt").write_bytes(b"first prompt\n\n   \nsecond prompt\n\xff\xfe bad bytes\n")
+    reqs, stats = read_prompts(str(tmp_path / "p.txt"))
+    assert [(r.line, r.prompt) for r in reqs] == [(1, "first prompt"), (4, "second prompt")]
+    assert stats.blank == 3 and stats.bad[0][0] == 5 and "UTF-8" in stats.bad[0][1]
+
+    (tmp_path / "p.csv").write_text('text,seed\n"a, comma",5\nplain,x\n,\nlast,1,extra\n')
+    reqs, stats = read_prompts(str(tmp_path / "p.csv"), column="text")
+    assert [(r.line, r.prompt, r.seed) for r in reqs] == [(2, "a, comma", 5)]
+    assert [n for n, _ in stats.bad] == [3, 5] and stats.blank == 1
+    with pytest.raises(PromptFileError, match=r"no 'prompt' column"):
+        read_prompts(str(tmp_path / "p.csv"))
+
+    pq.write_table(pa.table({"prompt": ["one", None, "three"], "seed": [1, 2, None]}), tmp_path / "p.parquet")
+    reqs, stats = read_prompts(str(tmp_path / "p.parquet"))
+    assert [(r.line, r.seed) for r in reqs] == [(1, 1), (3, None)] and stats.bad[0][0] == 2
+    with pytest.raises(PromptFileError, match="must end in one of"):
+        read_prompts(str(tmp_path / "p.yaml"))
+    with pytest.raises(FileNotFoundError, match="prompt file not found"):
+        read_prompts(str(tmp_path / "missing.txt"))
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory):
+    """A tiny two-expert ensemble with distinct random weights, recording its (tiny) encoders."""
+    d = tmp_path_factory.mktemp("ens")
+    cfg = get_preset("tiny")
+    paths = []
+    for i in range(2):
+        D = randomize(build_denoiser(cfg), seed=10 + i)
+        paths.append(save_checkpoint(d / f"e{i}", cfg, D, ema=D, metadata={"encoders": to_dict(EncoderConfig())}))
+    write_manifest(d / "manifest.json", intervals_from_boundaries([1.0]), [p.name for p in paths])
+    return d
+
+
+def _cfg(ensemble, tmp_path, prompts, **kw):
+    base = GenerateConfig(
+        prompts=str(prompts),
+        out=str(tmp_path / "out"),
+        model=str(ensemble / "manifest.json"),
+        sampler=SamplerConfig(steps=4, guidance=2.0),
+        batch_size=4,
+        num_cpus=0.5,
+        grid_images=4,
+        tracking=TrackingConfig(
+            uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "mlruns").as_uri()
+        ),
+    )
+    return replace(base, **kw)
+
+
+def _images(out) -> dict[str, np.ndarray]:
+    meta = pq.read_table(str(out / "metadata")).to_pylist()
+    return {m["id"]: np.asarray(Image.open(out / m["image"])) for m in meta}
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_jsonl_and_txt_deterministic_across_batch_sizes_and_resumable(ensemble, tmp_path):
+    (tmp_path / "p.jsonl").write_text(JSONL)
+    logs = []
+    s4 = run_generate(_cfg(ensemble, tmp_path, tmp_path / "p.jsonl"), progress=logs.append)
+    assert s4["images_total"] == 4 and [b["line"] for b in s4["bad_rows"]] == [4, 5, 7, 8]
+    assert any("line 4: invalid JSON" in m for m in logs) and any("ETA" in m for m in logs)
+    meta = pq.read_table(str(tmp_path / "out" / "metadata")).to_pylist()
+    assert sorted((m["line"], m["seed"]) for m in meta) == [(1, 1000), (3, 7), (3, 8), (6, 6000)]
+    green = next(m for m in meta if m["line"] == 6)
+    assert green["steps"] == 3 and green["guidance"] == 1.0 and green["sampler"] == "heun"
+    assert all("circle" not in m["image"] and m["image"].endswith(".png") for m in meta)  # named by id
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["images_total"] == 4
+
+    s1 = run_generate(_cfg(ensemble, tmp_path, tmp_path / "p.jsonl", batch_size=1, out=str(tmp_path / "b1")))
+    a, b = _images(tmp_path / "out"), _images(tmp_path / "b1")
+    assert s1["images_total"] == 4 and a.keys() == b.keys()
+    for k in a:  # same prompt, seed and settings -> the same image, whatever the batch
+        np.testing.assert_array_equal(a[k], b[k])
+    assert len({v.tobytes() for v in a.values()}) == 4
+
+    # Resume: a first run over part of a txt file, then the whole file.
+    lines = [f"prompt number {i}" for i in range(6)]
+    (tmp_path / "part.txt").write_text("\n".join(lines[:3]))
+    (tmp_path / "all.txt").write_text("\n".join(lines))
+    cfg = _cfg(ensemble, tmp_path, tmp_path / "part.txt", out=str(tmp_path / "txt"))
+    assert run_generate(cfg, progress=lambda *_: None)["generated_now"] == 3
+    again = run_generate(replace(cfg, prompts=str(tmp_path / "all.txt")), progress=lambda *_: None)
+    assert again["skipped_done"] == 3 and again["generated_now"] == 3 and again["images_total"] == 6
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_actor_killed_mid_batch_still_every_image_once(ensemble, tmp_path):
+    (tmp_path / "p.txt").write_text("\n".join(f"shape {i}" for i in range(6)))
+    cfg = _cfg(ensemble, tmp_path, tmp_path / "p.txt", batch_size=3, fail_after=2, images_per_prompt=1)
+    s = run_generate(cfg, progress=lambda *_: None)
+    assert (tmp_path / "out" / ".fail_injected").exists()  # an actor did die mid-batch
+    ids = pq.read_table(str(tmp_path / "out" / "metadata")).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 6 and s["images_total"] == 6
+    assert len(list((tmp_path / "out" / "images").rglob("*.png"))) == 6
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_s3_model_and_output(ensemble, tmp_path, s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_server.endpoint_url})
+    fs.put(str(ensemble), "ediffi/models/ens", recursive=True)
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    cfg = _cfg(
+        ensemble,
+        tmp_path,
+        tmp_path / "p.txt",
+        model="s3://ediffi/models/ens/manifest.json",
+        out="s3://ediffi/gen",
+        storage=s3_server,
+        image_format="webp",
+    )
+    s = run_generate(cfg, progress=lambda *_: None)
+    assert s["images_total"] == 2
+    assert len(fs.glob("ediffi/gen/images/*/*.webp")) == 2 and fs.exists("ediffi/gen/summary.json")
+    assert math.isfinite(json.loads(fs.cat("ediffi/gen/summary.json"))["run"]["images_per_s"])
