@@ -93,6 +93,32 @@ def _clip(name: str, pretrained: str | None) -> nn.Module:
         raise ValueError(f"cannot build CLIP model {name!r} (pretrained={pretrained!r}): {e}") from None
 
 
+@dataclass
+class Tokenizers:
+    """Just the two tokenizers (cheap to load) and the sequence shapes: enough to align phrases
+    to token positions (paint-with-words) without loading the encoders."""
+
+    t5_tokenizer: object
+    clip_tokenizer: object
+    spec: CondSpec
+
+
+def load_tokenizers(cfg: EncoderConfig, spec: CondSpec) -> Tokenizers:
+    """The tokenizers of an encoder config, for the network whose conditioning shapes are `spec`."""
+    if cfg.t5 == TINY:
+        from transformers import ByT5Tokenizer
+
+        t5 = ByT5Tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            t5 = AutoTokenizer.from_pretrained(cfg.t5)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the T5 tokenizer of {cfg.t5!r}: {e}") from None
+    return Tokenizers(t5, open_clip.get_tokenizer(TINY_CLIP if cfg.clip == TINY else cfg.clip), spec)
+
+
 class ConditioningEncoder(nn.Module):
     """Prompts (and optional images) -> Cond, following the schema; models loaded once."""
 

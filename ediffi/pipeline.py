@@ -10,7 +10,7 @@ import torch
 
 from ediffi.conditioning import Cond
 from ediffi.edm import Denoiser
-from ediffi.guidance import Guided
+from ediffi.guidance import Guided, StyleGuided
 from ediffi.samplers import SAMPLERS, karras_sigmas, randn
 
 
@@ -29,6 +29,7 @@ class SamplerConfig:
     S_noise: float = 1.0  # stochastic Heun: scale of the added noise
     guidance: float = 1.0  # classifier-free guidance scale (1 = none)
     guidance_mode: str = "all"  # embeddings guidance pushes toward: text, image, all
+    style_guidance: float | None = None  # a separate scale for the style (image) embedding; None = one scale
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -39,6 +40,8 @@ class SamplerConfig:
             raise ValueError("SamplerConfig.S_churn applies only to sampler='heun'")
         if self.guidance < 0:
             raise ValueError(f"SamplerConfig.guidance must be >= 0, got {self.guidance}")
+        if self.style_guidance is not None and self.style_guidance < 0:
+            raise ValueError(f"SamplerConfig.style_guidance must be >= 0, got {self.style_guidance}")
 
 
 def seed_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -62,7 +65,9 @@ def sample(
     sigmas = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
     x = randn((len(seeds), *shape), gens, device) * sigmas[0].item()
     # 2. Guidance wraps the denoiser with the same contract.
-    if cfg.guidance != 1.0:
+    if cfg.style_guidance is not None and bool(cond.clip_image_mask.any()):
+        D = StyleGuided(D, cfg.guidance, cfg.style_guidance)
+    elif cfg.guidance != 1.0:
         D = Guided(D, cfg.guidance, cfg.guidance_mode)
     # 3. Solve from sigma_max to 0.
     cond = cond.to(device)

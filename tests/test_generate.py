@@ -74,7 +74,7 @@ def ensemble(tmp_path_factory):
     cfg = get_preset("tiny")
     paths = []
     for i in range(2):
-        D = randomize(build_denoiser(cfg), seed=10 + i)
+        D = randomize(build_denoiser(cfg), seed=10 + i, std=0.2)  # logits large enough for painting to show
         paths.append(save_checkpoint(d / f"e{i}", cfg, D, ema=D, metadata={"encoders": to_dict(EncoderConfig())}))
     write_manifest(d / "manifest.json", intervals_from_boundaries([1.0]), [p.name for p in paths])
     return d
@@ -163,3 +163,31 @@ def test_s3_model_and_output(ensemble, tmp_path, s3_server):
     assert s["images_total"] == 2
     assert len(fs.glob("ediffi/gen/images/*/*.webp")) == 2 and fs.exists("ediffi/gen/summary.json")
     assert math.isfinite(json.loads(fs.cat("ediffi/gen/summary.json"))["run"]["images_per_s"])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_style_references_and_paint_masks_in_jsonl_rows(ensemble, tmp_path):
+    ref = np.zeros((40, 40, 3), np.uint8)
+    ref[:, :, 0] = 230
+    Image.fromarray(ref).save(tmp_path / "red.png")
+    rows = [
+        {"prompt": "a circle", "seed": 1},
+        {"prompt": "a circle", "seed": 1, "style": "red.png"},
+        {"style": "red.png", "seed": 1},  # style only
+        {"prompt": "a red circle on the left", "seed": 2},
+        {"prompt": "a red circle on the left", "seed": 2, "masks": {"red circle": {"rect": [0, 0, 0.5, 1]}}},
+        {"prompt": "a red circle", "masks": {"blue square": {"rect": [0, 0, 1, 1]}}},
+        {"prompt": "a circle", "style": "missing.png"},
+        {"prompt": "a red circle", "masks": {"red": {"rect": [0.9, 0, 0.1, 1]}}},
+    ]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    s = run_generate(_cfg(ensemble, tmp_path, tmp_path / "p.jsonl", paint_strength=3.0), progress=lambda *_: None)
+    bad = {b["line"]: b["reason"] for b in s["bad_rows"]}
+    assert sorted(bad) == [6, 7, 8] and "'blue square' not found" in bad[6] and "not found" in bad[7]
+    assert "x0 < x1" in bad[8]
+    meta = {m["line"]: m for m in pq.read_table(str(tmp_path / "out" / "metadata")).to_pylist()}
+    assert sorted(meta) == [1, 2, 3, 4, 5] and meta[5]["paint_strength"] == 3.0 and meta[4]["masks"] == ""
+    assert meta[2]["style"] == str(tmp_path / "red.png") and meta[3]["prompt"] == ""
+    img = {n: np.asarray(Image.open(tmp_path / "out" / m["image"]), dtype=np.int16) for n, m in meta.items()}
+    assert np.abs(img[1] - img[2]).max() > 0  # the style reference changes the image
+    assert np.abs(img[4] - img[5]).max() > 0  # so does painting

@@ -48,6 +48,7 @@ class GenerateConfig:
     encoders: EncoderConfig | None = None  # unset = the encoders recorded with the model's training data
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=32, guidance=2.0))  # defaults per row
     images_per_prompt: int = 1  # images per row (a .jsonl/.csv row's `images` overrides)
+    paint_strength: float = 0.5  # paint-with-words w' for rows with masks (a row's `paint_strength` overrides)
     seed: int = 0  # a row without a seed uses seed + 1000 * line; its image k uses that + k
     prompt_column: str = "prompt"  # the prompt column of .csv / .parquet files
     on_bad_row: str = "skip"  # skip (report and count) or fail
@@ -146,6 +147,7 @@ def expand(requests: list[Request], cfg: GenerateConfig, mid: str) -> list[dict]
     rows = []
     for r in requests:
         base = r.seed if r.seed is not None else cfg.seed + 1000 * r.line
+        masks = json.dumps(_resolve_masks(r.masks, cfg.prompts), sort_keys=True) if r.masks else ""
         for k in range(r.images or cfg.images_per_prompt):
             row = {
                 "prompt": r.prompt,
@@ -153,13 +155,54 @@ def expand(requests: list[Request], cfg: GenerateConfig, mid: str) -> list[dict]
                 "steps": r.steps or cfg.sampler.steps,
                 "guidance": cfg.sampler.guidance if r.guidance is None else r.guidance,
                 "sampler": cfg.sampler.sampler,
-                "style": r.style or "",
+                "style": _resolve(r.style, cfg.prompts) if r.style else "",
+                "masks": masks,
+                "paint_strength": float(cfg.paint_strength if r.paint_strength is None else r.paint_strength)
+                if masks
+                else 0.0,
                 "line": r.line,
             }
-            key = json.dumps([row[k] for k in ("prompt", "seed", "steps", "guidance", "sampler", "style")] + [mid])
+            keys = ("prompt", "seed", "steps", "guidance", "sampler", "style", "masks", "paint_strength")
+            key = json.dumps([row[k] for k in keys] + [mid])
             row["id"] = hashlib.sha1(key.encode()).hexdigest()[:20]
             rows.append(row)
     return rows
+
+
+def _resolve(path: str, prompts: str) -> str:
+    """A path from a prompt row: absolute and URLs as given, others relative to the prompt file."""
+    if "://" in path or path.startswith("/"):
+        return path
+    base = prompts.rsplit("/", 1)[0] if "/" in prompts else "."
+    return join(base, path) if "://" in base else os.path.abspath(os.path.join(base, path))
+
+
+def _resolve_masks(masks: dict, prompts: str) -> dict:
+    return {ph: _resolve(m, prompts) if isinstance(m, str) else m for ph, m in masks.items()}
+
+
+def check_requests(requests: list[Request], cfg: GenerateConfig, tokenizers) -> list[tuple[Request, str]]:
+    """Rows whose style image or masks cannot work, with the reason (reported like malformed rows)."""
+    from ediffi.paint import phrase_tokens, rasterize
+
+    bad = []
+    for r in requests:
+        try:
+            if r.style:
+                fs, p = filesystem(_resolve(r.style, cfg.prompts), cfg.storage)
+                if not fs.exists(p):
+                    raise ValueError(f"style image {r.style!r} not found")
+            for phrase, spec in _resolve_masks(r.masks or {}, cfg.prompts).items():
+                phrase_tokens(tokenizers, r.prompt, phrase)
+                if isinstance(spec, str) and "://" in spec:
+                    fs, p = filesystem(spec, cfg.storage)
+                    if not fs.exists(p):
+                        raise ValueError(f"mask image {spec!r} not found")
+                else:
+                    rasterize(spec, 8)
+        except ValueError as e:
+            bad.append((r, str(e).removeprefix("paint-with-words: ")))
+    return bad
 
 
 def done_ids(cfg: GenerateConfig) -> set[str]:
@@ -210,16 +253,31 @@ class ImageGenerator:
         rows = batch.to_pylist()
         t0 = time.perf_counter()
         cond, stats = self.encoder.encode([r["prompt"] for r in rows])
+        styled = [i for i, r in enumerate(rows) if r["style"]]
+        if styled:  # reference images condition through the CLIP image embedding
+            emb = self.encoder.encode_images(torch.stack([self._image(rows[i]["style"]) for i in styled]))
+            cond.clip_image[styled] = emb.to(cond.clip_image.dtype)
+            cond.clip_image_mask[styled] = True
         t1 = time.perf_counter()
         R = self.net_cfg.img_resolution
         images: list[np.ndarray | None] = [None] * len(rows)
         self.D.seconds = 0.0
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault((r["steps"], r["guidance"], r["sampler"]), []).append(i)
-        for (steps, guidance, sampler), idx in groups.items():
+        for i, r in enumerate(rows):  # painted rows apart: their attention takes another code path
+            groups.setdefault((r["steps"], r["guidance"], r["sampler"], r["paint_strength"]), []).append(i)
+        for (steps, guidance, sampler, strength), idx in groups.items():
             scfg = replace(self.cfg.sampler, steps=steps, guidance=guidance, sampler=sampler)
-            x = sample(self.D, cond[idx], (3, R, R), [rows[i]["seed"] for i in idx], scfg, self.device)
+            D = self.D
+            if strength > 0:
+                from ediffi.paint import PaintWithWords, paint_masks
+
+                masks = paint_masks(
+                    self.encoder, [rows[i]["prompt"] for i in idx], [self._masks(rows[i]) for i in idx], R
+                )
+                D = _Timed(PaintWithWords(self.D.D, masks, strength))
+            x = sample(D, cond[idx], (3, R, R), [rows[i]["seed"] for i in idx], scfg, self.device)
+            if D is not self.D:
+                self.D.seconds += D.seconds
             for i, img in zip(idx, to_uint8(x).numpy(), strict=True):
                 images[i] = img
         t2 = time.perf_counter()
@@ -238,6 +296,8 @@ class ImageGenerator:
             "steps": [r["steps"] for r in rows],
             "guidance": [float(r["guidance"]) for r in rows],
             "style": [r["style"] for r in rows],
+            "masks": [r["masks"] for r in rows],
+            "paint_strength": [r["paint_strength"] for r in rows],
             "model": [self.model] * len(rows),
             "model_id": [self.mid] * len(rows),
             "image": [image_path(self.cfg, r["id"]) for r in rows],
@@ -261,6 +321,28 @@ class ImageGenerator:
                 "ready": [self.ready] * n,
             }
         )
+
+    def _image(self, uri: str) -> torch.Tensor:
+        """A reference image as uint8 [3, S, S] at the CLIP input size."""
+        from PIL import Image
+
+        fs, p = filesystem(uri, self.cfg.storage)
+        with fs.open(p, "rb") as f:
+            img = Image.open(f).convert("RGB").resize((self.encoder.image_size,) * 2, Image.BICUBIC)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+    def _masks(self, row: dict) -> dict:
+        """The row's masks, with image files on object stores fetched as arrays."""
+        from PIL import Image
+
+        out = {}
+        for phrase, spec in json.loads(row["masks"]).items():
+            if isinstance(spec, str) and "://" in spec:
+                fs, p = filesystem(spec, self.cfg.storage)
+                with fs.open(p, "rb") as f:
+                    spec = np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255.0
+            out[phrase] = spec
+        return out
 
     def _write_image(self, id_: str, img: np.ndarray) -> None:
         from PIL import Image
@@ -290,10 +372,17 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     model = resolve_model(cfg.model, cfg.storage)
     mid = model_id(model, cfg.storage)
     encoders = to_dict(cfg.encoders) if cfg.encoders else _model_encoders(model, cfg.storage)
-    if any(r.style for r in requests):
-        raise ValueError(f"{cfg.prompts}: rows with 'style' need style conditioning, which this version lacks")
-    if any(r.masks is not None for r in requests):
-        raise ValueError(f"{cfg.prompts}: rows with 'masks' need paint-with-words, which this version lacks")
+    if any(r.style or r.masks for r in requests):
+        from ediffi.encoders import load_tokenizers
+
+        net_cfg = _model_network(model, cfg.storage)
+        tokenizers = load_tokenizers(from_dict(EncoderConfig, encoders), net_cfg.cond)
+        for r, reason in check_requests(requests, cfg, tokenizers):
+            if cfg.on_bad_row == "fail":
+                raise ValueError(f"{cfg.prompts}: line {r.line}: {reason}")
+            progress(f"generate: {cfg.prompts}: line {r.line}: {reason} (skipped)")
+            pstats.bad.append((r.line, reason))
+            requests = [q for q in requests if q is not r]
     tracking = resolve(cfg.tracking)
     reason = check_reachable(tracking)
     if reason:
@@ -358,7 +447,8 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     return summary
 
 
-def _model_encoders(model: str, storage: StorageConfig) -> dict:
+def _model_config_doc(model: str, storage: StorageConfig) -> dict:
+    """config.json of the model's (first) checkpoint."""
     fs, p = filesystem(model, storage)
     if _is_manifest(model):
         doc = json.loads(fs.cat(p))
@@ -367,7 +457,17 @@ def _model_encoders(model: str, storage: StorageConfig) -> dict:
         cfg_file = join(cfg_file.split("://", 1)[-1], "config.json")
     else:
         cfg_file = join(p, "config.json")
-    meta = json.loads(fs.cat(cfg_file)).get("metadata", {})
+    return json.loads(fs.cat(cfg_file))
+
+
+def _model_network(model: str, storage: StorageConfig):
+    from ediffi.unet import UNetConfig
+
+    return UNetConfig.from_dict(_model_config_doc(model, storage)["network"])
+
+
+def _model_encoders(model: str, storage: StorageConfig) -> dict:
+    meta = _model_config_doc(model, storage).get("metadata", {})
     if not meta.get("encoders"):
         raise ValueError(
             f"{model}: the checkpoint does not record its encoders (trained before they were recorded); "

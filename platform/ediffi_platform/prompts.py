@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from ediffi_platform.storage import StorageConfig, filesystem
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
-OPTIONAL = {"seed": int, "guidance": float, "steps": int, "images": int, "style": str, "masks": object}
+OPTIONAL = {
+    "seed": int,
+    "guidance": float,
+    "steps": int,
+    "images": int,
+    "style": str,  # a reference image (path relative to the prompt file, absolute, or s3://)
+    "masks": object,  # paint-with-words: {phrase: {"rect": [...]} | {"polygon": [...]} | image path}
+    "paint_strength": float,  # paint-with-words w'
+}
 MAX_IMAGES_PER_ROW = 1024
 
 
@@ -37,7 +45,8 @@ class Request:
     steps: int | None = None
     images: int | None = None
     style: str | None = None
-    masks: object = None  # paint-with-words masks, passed through as given
+    masks: dict | None = None  # paint-with-words: phrase -> mask spec
+    paint_strength: float | None = None
 
 
 @dataclass
@@ -53,8 +62,10 @@ class PromptStats:
 def _request(line: int, fields: dict) -> Request:
     """Validate one row's fields; raises ValueError with the reason."""
     prompt = fields.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("missing or empty 'prompt'")
+    if prompt is None and fields.get("style"):
+        prompt = ""  # style-only: the reference image alone conditions the row
+    if not isinstance(prompt, str) or not (prompt.strip() or fields.get("style")):
+        raise ValueError("missing or empty 'prompt' (only rows with a 'style' image may leave it empty)")
     unknown = sorted(set(fields) - {"prompt", *OPTIONAL})
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r} (known: prompt, {', '.join(OPTIONAL)})")
@@ -80,6 +91,18 @@ def _request(line: int, fields: dict) -> Request:
         elif tp is str and not isinstance(v, str):
             raise ValueError(f"{k!r} must be a string, got {v!r}")
         out[k] = v
+    if "masks" in out:
+        if isinstance(out["masks"], str):  # CSV / Parquet cells hold JSON text
+            try:
+                out["masks"] = json.loads(out["masks"])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"'masks' is not valid JSON ({e.msg})") from None
+        if not isinstance(out["masks"], dict) or not out["masks"]:
+            raise ValueError('\'masks\' must map phrases to masks, e.g. {"red circle": {"rect": [0, 0, 0.5, 0.5]}}')
+        if not prompt.strip():
+            raise ValueError("'masks' need a prompt with the painted phrases")
+    if out.get("paint_strength", 0.0) < 0:
+        raise ValueError(f"'paint_strength' must be >= 0, got {out['paint_strength']}")
     if out.get("seed", 0) < 0:
         raise ValueError(f"'seed' must be >= 0, got {out['seed']}")
     if out.get("guidance", 0.0) < 0:
