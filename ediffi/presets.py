@@ -53,6 +53,18 @@ PRESETS: dict[str, UNetConfig] = {
         sr=True,
         cond=TINY_COND,
     ),
+    # Unit tests: a super-resolution stage 16 -> 32.
+    "tiny_sr": UNetConfig(
+        img_resolution=32,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_blocks=1,
+        attn_resolutions=(16,),
+        head_dim=32,
+        ctx_dim=64,
+        sr=True,
+        cond=TINY_COND,
+    ),
     # Paper-scale base model at 64x64.
     "base64": UNetConfig(
         img_resolution=64,

@@ -10,6 +10,7 @@ import torch
 
 from ediffi.conditioning import Cond, DropoutConfig, drop_embeddings
 from ediffi.edm import NoiseDistribution, edm_loss
+from ediffi.sr import SRConfig, training_condition
 
 
 @dataclass
@@ -39,13 +40,17 @@ def train_step(
     grad_clip: float | None = 1.0,
     dtype: str = "float32",
     generator: torch.Generator | None = None,
+    sr: SRConfig | None = None,
 ) -> StepResult:
-    """One optimiser step over micro-batches (gradient accumulation): drop embeddings, EDM loss under
-    autocast, backpropagate, clip, step."""
+    """One optimiser step over micro-batches (gradient accumulation): drop embeddings (SR stages:
+    attach the degraded, noise-augmented low-resolution image), EDM loss under autocast,
+    backpropagate, clip, step."""
     optimizer.zero_grad(set_to_none=True)
     losses, sigmas = [], []
     for x0, cond in batches:
         cond = drop_embeddings(cond, dropout, generator)
+        if sr is not None:
+            cond = training_condition(cond, x0, sr, generator)
         with autocast_for(x0.device, dtype):
             per_sample, sigma = edm_loss(D, x0, cond, noise, generator)
         (per_sample.mean() / len(batches)).backward()

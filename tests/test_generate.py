@@ -191,3 +191,22 @@ def test_style_references_and_paint_masks_in_jsonl_rows(ensemble, tmp_path):
     img = {n: np.asarray(Image.open(tmp_path / "out" / m["image"]), dtype=np.int16) for n, m in meta.items()}
     assert np.abs(img[1] - img[2]).max() > 0  # the style reference changes the image
     assert np.abs(img[4] - img[5]).max() > 0  # so does painting
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_cascade_base_then_sr_stage(ensemble, tmp_path):
+    from ediffi_platform.generate import SRStageConfig
+
+    sr = randomize(build_denoiser(get_preset("tiny_sr")), seed=4, std=0.2)
+    save_checkpoint(tmp_path / "sr", get_preset("tiny_sr"), sr, metadata={"encoders": to_dict(EncoderConfig())})
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    stage = SRStageConfig(model=str(tmp_path / "sr"), sampler=SamplerConfig(steps=3), aug_sigma=0.2)
+    s = run_generate(_cfg(ensemble, tmp_path, tmp_path / "p.txt", sr_stages=(stage,)), progress=lambda *_: None)
+    imgs = _images(tmp_path / "out")
+    assert s["images_total"] == 2 and all(v.shape == (32, 32, 3) for v in imgs.values())
+    assert s["run"]["seconds_per_image"]["sr_network"] > 0
+    meta = pq.read_table(str(tmp_path / "out" / "metadata")).to_pylist()
+    assert {m["resolution"] for m in meta} == {32}
+    plain = run_generate(_cfg(ensemble, tmp_path, tmp_path / "p.txt", out=str(tmp_path / "plain")))
+    assert not set(_images(tmp_path / "plain")) & set(imgs)  # the cascade is part of each image's id
+    assert plain["images_total"] == 2

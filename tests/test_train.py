@@ -132,11 +132,31 @@ def test_bad_setups_fail_before_workers_start(emb, tmp_path):
         _cfg(emb, tmp_path, strategy="zero3")
 
 
-def test_unreachable_tracking_server_warns_and_trains(emb, tmp_path):
+def test_sr_stage_trains_with_the_same_job_and_tracking_down_only_warns(emb, tmp_path):
+    run_precompute(  # the SR stage's data: the same rows at its 32px output resolution
+        PrecomputeConfig(
+            input=InputConfig(path=str(emb / "in")), output=str(tmp_path / "emb32"), image=ImageFilter(resolution=32)
+        ),
+        progress=lambda *_: None,
+    )
     cfg = _cfg(
-        emb, tmp_path, steps=2, num_workers=1, checkpoint_every=2, tracking=TrackingConfig(uri="http://127.0.0.1:9")
+        emb,
+        tmp_path,
+        data=str(tmp_path / "emb32"),
+        preset="tiny_sr",
+        lowres=16,
+        steps=2,
+        num_workers=1,
+        checkpoint_every=2,
+        tracking=TrackingConfig(uri="http://127.0.0.1:9"),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = run_training(cfg, progress=lambda *_: None)
     assert out["step"] == 2 and any("unreachable" in str(w.message) for w in caught)
+    D, meta = load_checkpoint(out["checkpoint"])
+    assert D.net.cfg.sr and meta["encoders"]["t5"] == "tiny"
+    with pytest.raises(ValueError, match="super-resolution stage: set lowres"):
+        replace(cfg, lowres=0)
+    with pytest.raises(ValueError, match="lowres is for super-resolution presets"):
+        replace(cfg, preset="tiny")

@@ -27,6 +27,7 @@ import torch
 from ediffi.checkpoint import read_config
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi.pipeline import SamplerConfig, check_compatible, grid, sample, to_uint8
+from ediffi.sr import Stage, cascade
 from ediffi_platform.config import JobFailed, from_dict, to_dict
 from ediffi_platform.prompts import Request, read_prompts
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join, write_json
@@ -35,6 +36,19 @@ from ediffi_platform.tracking import Tracker, TrackingConfig, check_reachable, f
 IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
 METADATA = "metadata"
 SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class SRStageConfig:
+    """A super-resolution stage of the cascade, run on the previous stage's output."""
+
+    model: str  # its manifest, checkpoint folder or training run folder (an SR preset)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=18, guidance=1.0))
+    aug_sigma: float = 0.1  # fixed noise-conditioning augmentation level of the low-resolution input
+
+    def __post_init__(self) -> None:
+        if self.aug_sigma < 0:
+            raise ValueError(f"aug_sigma must be >= 0, got {self.aug_sigma}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,7 @@ class GenerateConfig:
     use_ema: bool = True  # EMA weights where the checkpoint has them
     encoders: EncoderConfig | None = None  # unset = the encoders recorded with the model's training data
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=32, guidance=2.0))  # defaults per row
+    sr_stages: tuple[SRStageConfig, ...] = ()  # the cascade after the base model: text -> base -> SR -> SR
     images_per_prompt: int = 1  # images per row (a .jsonl/.csv row's `images` overrides)
     paint_strength: float = 0.5  # paint-with-words w' for rows with masks (a row's `paint_strength` overrides)
     seed: int = 0  # a row without a seed uses seed + 1000 * line; its image k uses that + k
@@ -237,7 +252,7 @@ class _Timed:
 class ImageGenerator:
     """Ray Data callable class: model and encoders loaded once; a batch of rows -> images, metadata."""
 
-    def __init__(self, cfg: GenerateConfig, model: str, mid: str, encoders: dict):
+    def __init__(self, cfg: GenerateConfig, model: str, mid: str, encoders: dict, sr_models: tuple = ()):
         self.cfg, self.model, self.mid = cfg, model, mid
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(cfg.threads_per_actor or max(1, math.ceil(cfg.num_cpus)))
@@ -246,6 +261,13 @@ class ImageGenerator:
         self.D = _Timed(D)
         self.encoder = ConditioningEncoder(from_dict(EncoderConfig, encoders)).to(self.device).eval()
         check_compatible(self.encoder.spec, self.net_cfg.cond)
+        self.sr = []  # the cascade's SR stages, each timed on its own
+        for st, uri in zip(cfg.sr_stages, sr_models, strict=True):
+            D_sr, net_sr, _ = load_model(fetch_model(uri, cfg.storage), cfg.use_ema, self.device)
+            if not net_sr.sr:
+                raise ValueError(f"sr_stages: {uri} is not a super-resolution model")
+            check_compatible(self.encoder.spec, net_sr.cond)
+            self.sr.append(Stage(_Timed(D_sr), net_sr.img_resolution, st.sampler, st.aug_sigma))
         self.fs, self.root = filesystem(cfg.out, cfg.storage)
         self.ready = time.time()
 
@@ -262,6 +284,8 @@ class ImageGenerator:
         R = self.net_cfg.img_resolution
         images: list[np.ndarray | None] = [None] * len(rows)
         self.D.seconds = 0.0
+        for st in self.sr:
+            st.denoiser.seconds = 0.0
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):  # painted rows apart: their attention takes another code path
             groups.setdefault((r["steps"], r["guidance"], r["sampler"], r["paint_strength"]), []).append(i)
@@ -275,7 +299,11 @@ class ImageGenerator:
                     self.encoder, [rows[i]["prompt"] for i in idx], [self._masks(rows[i]) for i in idx], R
                 )
                 D = _Timed(PaintWithWords(self.D.D, masks, strength))
-            x = sample(D, cond[idx], (3, R, R), [rows[i]["seed"] for i in idx], scfg, self.device)
+            seeds = [rows[i]["seed"] for i in idx]
+            if self.sr:
+                x = cascade([Stage(D, R, scfg), *self.sr], cond[idx], seeds, self.device)[-1]
+            else:
+                x = sample(D, cond[idx], (3, R, R), seeds, scfg, self.device)
             if D is not self.D:
                 self.D.seconds += D.seconds
             for i, img in zip(idx, to_uint8(x).numpy(), strict=True):
@@ -300,6 +328,7 @@ class ImageGenerator:
             "paint_strength": [r["paint_strength"] for r in rows],
             "model": [self.model] * len(rows),
             "model_id": [self.mid] * len(rows),
+            "resolution": [int(images[0].shape[0])] * len(rows),
             "image": [image_path(self.cfg, r["id"]) for r in rows],
             "truncated": stats.truncated_rows,
             "seconds": [per] * len(rows),
@@ -316,7 +345,8 @@ class ImageGenerator:
                 "truncated": stats.truncated_rows,
                 "encode_s": [(t1 - t0) / n] * n,
                 "sample_s": [(t2 - t1) / n] * n,
-                "network_s": [self.D.seconds / n] * n,
+                "network_s": [(self.D.seconds + sum(st.denoiser.seconds for st in self.sr)) / n] * n,
+                "sr_network_s": [sum(st.denoiser.seconds for st in self.sr) / n] * n,
                 "write_s": [(t3 - t2) / n] * n,
                 "ready": [self.ready] * n,
             }
@@ -370,7 +400,13 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     if len(pstats.bad) > 20:
         progress(f"generate: ... and {len(pstats.bad) - 20} more bad rows")
     model = resolve_model(cfg.model, cfg.storage)
+    sr_models = tuple(resolve_model(st.model, cfg.storage) for st in cfg.sr_stages)
     mid = model_id(model, cfg.storage)
+    if sr_models:  # the cascade is part of what makes an image: its stages go into the ids
+        parts = [mid] + [
+            f"{model_id(m, cfg.storage)}:{to_dict(st)}" for m, st in zip(sr_models, cfg.sr_stages, strict=True)
+        ]
+        mid = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
     encoders = to_dict(cfg.encoders) if cfg.encoders else _model_encoders(model, cfg.storage)
     if any(r.style or r.masks for r in requests):
         from ediffi.encoders import load_tokenizers
@@ -406,14 +442,21 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
         ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / cfg.batch_size)))
         ds = ds.map_batches(
             ImageGenerator,
-            fn_constructor_kwargs={"cfg": cfg, "model": model, "mid": mid, "encoders": encoders},
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "model": model,
+                "mid": mid,
+                "encoders": encoders,
+                "sr_models": sr_models,
+            },
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
             num_gpus=cfg.num_gpus or None,
             num_cpus=cfg.num_cpus,
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         )
-        t0, ready, sums = time.time(), [], dict.fromkeys(("encode_s", "sample_s", "network_s", "write_s"), 0.0)
+        t0, ready = time.time(), []
+        sums = dict.fromkeys(("encode_s", "sample_s", "network_s", "sr_network_s", "write_s"), 0.0)
         last = 0.0
         for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             n = b.num_rows

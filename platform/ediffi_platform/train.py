@@ -44,6 +44,7 @@ from ediffi.edm import NoiseDistribution
 from ediffi.ema import EMA
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
 from ediffi.presets import PRESETS, build_denoiser, get_preset
+from ediffi.sr import SRConfig, augment, degrade
 from ediffi.training import train_step
 from ediffi_platform.config import from_dict, to_dict
 from ediffi_platform.reader import iter_torch, ray_dataset, shard_files
@@ -78,6 +79,8 @@ class TrainConfig:
     ema_decay: float = 0.999  # constant EMA decay (ignored when ema_sigma_rel is set)
     ema_sigma_rel: float | None = None  # EDM2 power EMA width instead of a constant decay
     dropout: DropoutConfig = field(default_factory=DropoutConfig)  # per-embedding dropout
+    lowres: int = 0  # 0 = a base stage; else a super-resolution stage upsampling from this resolution
+    aug_sigma_max: float = 0.5  # SR stages: noise-conditioning augmentation level ~ U[0, aug_sigma_max]
     sigma_lo: float = 0.0  # train only on sigma in [sigma_lo, sigma_hi) (experts)
     sigma_hi: float = math.inf  # upper end of the noise interval
     dtype: str = "auto"  # autocast dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
@@ -112,6 +115,15 @@ class TrainConfig:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         NoiseDistribution(sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
+        sr = PRESETS[self.preset].sr
+        if sr and self.lowres < 1:
+            raise ValueError(f"preset {self.preset!r} is a super-resolution stage: set lowres (its input resolution)")
+        if not sr and self.lowres:
+            raise ValueError(f"lowres is for super-resolution presets; {self.preset!r} is a base stage")
+        if self.lowres and self.lowres >= PRESETS[self.preset].img_resolution:
+            raise ValueError(f"lowres={self.lowres} must be below the preset's {PRESETS[self.preset].img_resolution}px")
+        if self.aug_sigma_max < 0:
+            raise ValueError(f"aug_sigma_max must be >= 0, got {self.aug_sigma_max}")
 
 
 def _bucket_losses(per_sample: torch.Tensor, sigma: torch.Tensor) -> dict[str, tuple[float, int]]:
@@ -202,7 +214,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 continue  # resume inside an epoch: skip what was already trained on
             state["batches_into_epoch"] = i + 1
             micro.append((images.to(device), cond.to(device)))
-            last_cond = micro[-1][1]
+            last_batch = micro[-1]
             if len(micro) < cfg.optim.grad_accum:
                 continue
             for g in opt.param_groups:
@@ -216,6 +228,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 grad_clip=cfg.optim.grad_clip or None,
                 dtype=dtype,
                 generator=gen,
+                sr=SRConfig(cfg.lowres, cfg.aug_sigma_max) if cfg.lowres else None,
             )
             micro = []
             ema.update(D.net)
@@ -257,7 +270,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     metrics or {},
                     rank,
                     tracker,
-                    last_cond,
+                    last_batch,
                     config.get("encoders"),
                 )
                 if tracker:
@@ -304,7 +317,7 @@ def _window_metrics(window: dict, net_cfg, step: int) -> dict:
     return out
 
 
-def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, micro_cond, encoders) -> None:
+def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, last_batch, encoders) -> None:
     """Every rank gathers the full state (collectives under FSDP2) and calls report; rank 0 writes
     the checkpoint and logs a sample grid."""
     weights, ema_weights = full_model_state(model), ema.full_state_dict()
@@ -329,7 +342,7 @@ def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, micro_
             checkpoint = ray.train.Checkpoint.from_directory(d)
             if tracker and cfg.sample_images:
                 tracker.image(
-                    _sample_grid(net_cfg, ema_weights, micro_cond, cfg.sample_images),
+                    _sample_grid(net_cfg, ema_weights, last_batch, cfg.sample_images, cfg.lowres),
                     f"samples/step_{state['step']:07d}.png",
                 )
         ray.train.report({**metrics, "step": state["step"]}, checkpoint=checkpoint)
@@ -338,10 +351,13 @@ def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, micro_
 
 
 @torch.no_grad()
-def _sample_grid(net_cfg, ema_weights: dict, cond, n: int) -> np.ndarray:
+def _sample_grid(net_cfg, ema_weights: dict, batch, n: int, lowres: int) -> np.ndarray:
+    """EMA samples for a few training conditions (SR stages: upsampling their degraded images)."""
     D = build_denoiser(net_cfg)
     D.net.load_state_dict(ema_weights)
-    cond = cond[:n].to("cpu")
+    images, cond = batch[0][:n].to("cpu"), batch[1][:n].to("cpu")
+    if lowres:
+        cond = augment(cond, degrade(images, lowres), torch.full((len(cond),), 0.1))
     R = net_cfg.img_resolution
     imgs = sample(D.eval(), cond, (3, R, R), list(range(len(cond))), SamplerConfig(steps=12, guidance=2.0))
     return grid(to_uint8(imgs)).numpy()
