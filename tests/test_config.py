@@ -56,3 +56,32 @@ def test_jobs_end_bad_input_with_one_clear_line(tmp_path, capsys):
     job = Path(__file__).resolve().parents[1] / "jobs" / "make_synthetic_data.py"
     out = subprocess.run([sys.executable, str(job), "data.rows=0"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "need 1 <= shards <= rows" in out.stderr and "Traceback" not in out.stderr
+    for script, args, msg in (
+        ("generate.py", ["--prompts", "p.txt", "on_bad_row=maybe"], "on_bad_row must be skip or fail"),
+        ("finetune_experts.py", ["plan.quantiles=[2]"], "quantiles must lie strictly between 0 and 1"),
+    ):
+        job = Path(__file__).resolve().parents[1] / "jobs" / script
+        out = subprocess.run([sys.executable, str(job), *args], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("precompute_demo", "ediffi_platform.precompute:PrecomputeConfig"),
+        ("train_demo", "ediffi_platform.train:TrainConfig"),
+        ("train_sr_demo", "ediffi_platform.train:TrainConfig"),
+        ("finetune_demo", "ediffi_platform.experts:FinetuneConfig"),
+        ("generate_demo", "ediffi_platform.generate:GenerateConfig"),
+    ],
+)
+def test_shipped_configs_load(name, cls):
+    import importlib
+    from pathlib import Path
+
+    from ediffi_platform.config import load_config
+
+    module, attr = cls.split(":")
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    assert load_config(getattr(importlib.import_module(module), attr), path) is not None
+    assert len(list(path.parent.glob("*.yaml"))) == 5  # every shipped config is checked here
