@@ -99,3 +99,20 @@ def s3_server(monkeypatch):
 
     yield StorageConfig(endpoint_url=endpoint, key="test", secret="test", region="us-east-1")
     server.stop()
+
+
+def embeddings(d, rows: int, resolution: int = 16, src: str = "in", out: str = "emb") -> None:
+    """Synthetic captioned shards in d/src (written unless present) -> embedding shards in d/out."""
+    from ediffi_platform.ingest import ImageFilter, InputConfig
+    from ediffi_platform.precompute import PrecomputeConfig, run_precompute
+    from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
+
+    if not (d / src).exists():
+        write_synthetic(SyntheticConfig(output=str(d / src), rows=rows, shards=2))
+    cfg = PrecomputeConfig(
+        input=InputConfig(path=str(d / src)),
+        output=str(d / out),
+        image=ImageFilter(resolution=resolution),
+        batch_size=16,
+    )
+    run_precompute(cfg, progress=lambda *_: None)

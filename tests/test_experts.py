@@ -7,6 +7,7 @@ import mlflow
 import pytest
 import torch
 
+from conftest import embeddings
 from ediffi.checkpoint import load_checkpoint
 from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution
@@ -14,10 +15,7 @@ from ediffi.ensemble import EDIFFI_BASE_QUANTILES, load_ensemble, read_manifest
 from ediffi.pipeline import SamplerConfig, sample
 from ediffi_platform.config import ConfigError, JobFailed, from_dict
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, expert_names, run_finetune
-from ediffi_platform.ingest import ImageFilter, InputConfig
-from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 from ediffi_platform.reader import iter_batches
-from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
 from ediffi_platform.tracking import TrackingConfig
 from ediffi_platform.train import OptimConfig, TrainConfig, run_training
 
@@ -48,16 +46,7 @@ def test_plans():
 def base(tmp_path_factory, ray_local):
     """Tiny embedding shards and a tiny base checkpoint (10 steps)."""
     d = tmp_path_factory.mktemp("experts")
-    write_synthetic(SyntheticConfig(output=str(d / "in"), rows=32, shards=2))
-    run_precompute(
-        PrecomputeConfig(
-            input=InputConfig(path=str(d / "in")),
-            output=str(d / "emb"),
-            image=ImageFilter(resolution=16),
-            batch_size=16,
-        ),
-        progress=lambda *_: None,
-    )
+    embeddings(d, rows=256)  # an expert run of 6 steps stays within one epoch
     train = TrainConfig(
         data=str(d / "emb"),
         preset="tiny",

@@ -8,14 +8,12 @@ import mlflow
 import pytest
 import torch
 
+from conftest import embeddings
 from ediffi.checkpoint import load_checkpoint
 from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution, edm_loss
 from ediffi.presets import build_denoiser, get_preset
-from ediffi_platform.ingest import ImageFilter, InputConfig
-from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 from ediffi_platform.reader import iter_batches
-from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
 from ediffi_platform.tracking import TrackingConfig
 from ediffi_platform.train import OptimConfig, TrainConfig, run_training
 
@@ -25,16 +23,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 @pytest.fixture(scope="module")
 def emb(tmp_path_factory, ray_local):
     d = tmp_path_factory.mktemp("train")
-    write_synthetic(SyntheticConfig(output=str(d / "in"), rows=48, shards=2))
-    run_precompute(
-        PrecomputeConfig(
-            input=InputConfig(path=str(d / "in")),
-            output=str(d / "emb"),
-            image=ImageFilter(resolution=16),
-            batch_size=16,
-        ),
-        progress=lambda *_: None,
-    )
+    embeddings(d, rows=384)  # enough rows that 60 steps are ~2 epochs: each epoch restarts Ray Data (~3 s)
     return d
 
 
@@ -52,8 +41,8 @@ def _cfg(emb, tmp_path, **kw):
         log_every=5,
         output=str(tmp_path / "runs"),
         sample_images=4,
-        tracking=TrackingConfig(
-            uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=(tmp_path / "mlruns").as_uri()
+        tracking=TrackingConfig(  # one store per module: creating a fresh one costs seconds
+            uri=f"sqlite:///{emb / 'mlflow.db'}", artifact_root=(emb / "mlruns").as_uri()
         ),
     )
     return replace(base, **kw)
@@ -104,23 +93,23 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(emb, tmp_path):
 def test_stopped_job_resumes_from_its_s3_checkpoint_under_fsdp2(emb, tmp_path, s3_server):
     import s3fs
 
-    cfg = _cfg(emb, tmp_path, steps=20, output="s3://ediffi/runs", storage=s3_server)
+    cfg = _cfg(emb, tmp_path, steps=10, checkpoint_every=5, output="s3://ediffi/runs", storage=s3_server)
     first = run_training(cfg, progress=lambda *_: None)
     logs = []
-    second = run_training(replace(cfg, steps=40, strategy="fsdp"), progress=logs.append)  # DDP checkpoint, FSDP2 run
-    assert any("resuming from s3://ediffi/runs/base/" in m and "(step 20)" in m for m in logs), logs
-    assert second["step"] == 40 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    second = run_training(replace(cfg, steps=20, strategy="fsdp"), progress=logs.append)  # DDP checkpoint, FSDP2 run
+    assert any("resuming from s3://ediffi/runs/base/" in m and "(step 10)" in m for m in logs), logs
+    assert second["step"] == 20 and second["mlflow_run_id"] == first["mlflow_run_id"]
     steps, client = _history(cfg, first["mlflow_run_id"])
-    assert steps == list(range(5, 41, 5))
+    assert steps == list(range(5, 21, 5))
     losses = [m.value for m in client.get_metric_history(first["mlflow_run_id"], "loss")]
-    assert all(math.isfinite(v) for v in losses) and max(losses[4:]) < losses[0]  # FSDP2 steps keep it down
+    assert all(math.isfinite(v) for v in losses) and max(losses[2:]) < losses[0]  # FSDP2 steps keep it down
     fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_server.endpoint_url})
     ckpt = second["checkpoint"]
     assert ckpt.startswith("s3://ediffi/runs/base/") and fs.exists(f"{ckpt}/ema.safetensors")
     fs.get(ckpt, str(tmp_path / "local"), recursive=True)
     with torch.no_grad():
         D, meta = load_checkpoint(tmp_path / "local")  # gathered full weights, loadable without Ray
-        assert meta["step"] == 40 and _dataset_loss(D, emb) < 1.5 * min(losses)
+        assert meta["step"] == 20 and _dataset_loss(D, emb) < 1.5 * min(losses)
 
 
 def test_bad_setups_fail_before_workers_start(emb, tmp_path):
@@ -133,16 +122,11 @@ def test_bad_setups_fail_before_workers_start(emb, tmp_path):
 
 
 def test_sr_stage_trains_with_the_same_job_and_tracking_down_only_warns(emb, tmp_path):
-    run_precompute(  # the SR stage's data: the same rows at its 32px output resolution
-        PrecomputeConfig(
-            input=InputConfig(path=str(emb / "in")), output=str(tmp_path / "emb32"), image=ImageFilter(resolution=32)
-        ),
-        progress=lambda *_: None,
-    )
+    embeddings(emb, rows=384, resolution=32, out=f"emb32-{tmp_path.name}")  # the SR stage's data, at 32px
     cfg = _cfg(
         emb,
         tmp_path,
-        data=str(tmp_path / "emb32"),
+        data=str(emb / f"emb32-{tmp_path.name}"),
         preset="tiny_sr",
         lowres=16,
         steps=2,

@@ -135,16 +135,22 @@ def _bucket_losses(per_sample: torch.Tensor, sigma: torch.Tensor) -> dict[str, t
     return out
 
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer.json")
+
+
 def latest_checkpoint(run: str, storage: StorageConfig = StorageConfig()) -> tuple[str | None, int]:
     """The checkpoint with the highest step in a run folder (Ray's checkpoint_* folders) and its step;
     (None, -1) when there is none."""
     fs, root = filesystem(run, storage)
     best, best_step = None, -1
     for marker in fs.glob(join(root, "checkpoint_*", "trainer.json")):
+        folder = marker.rsplit("/", 1)[0]
+        if not all(fs.exists(join(folder, f)) for f in CHECKPOINT_FILES):
+            continue  # a copy cut short (the process died while it was being written)
         with fs.open(marker) as f:
             step = json.load(f)["state"]["step"]
         if step > best_step:
-            best, best_step = marker.rsplit("/", 1)[0], step
+            best, best_step = folder, step
     if best is None:
         return None, -1
     return (best if "://" not in run else f"{run.split('://')[0]}://{best}"), best_step
@@ -167,7 +173,12 @@ def train_loop_per_worker(config: dict) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 does not broadcast)
     D = build_denoiser(net_cfg)
     state = {"step": 0, "epoch": 0, "batches_into_epoch": 0, "mlflow_run_id": config.get("run_id")}
-    ckpt = ray.train.get_checkpoint()  # after a worker failure: this run's latest
+    ckpt = ray.train.get_checkpoint()  # after a worker failure: this run's latest registered one
+    stored, stored_step = latest_checkpoint(join(cfg.output, cfg.name), cfg.storage)
+    if stored and (ckpt is None or _read_state(_uri(ckpt, cfg.output), cfg.storage)["step"] < stored_step):
+        # A worker can die after its checkpoint reached storage but before the controller
+        # registered it; the newest complete checkpoint on storage is the one to resume from.
+        ckpt = _checkpoint_at(stored, cfg.storage)
     if ckpt is None and config.get("resume"):  # a new run continuing an earlier one
         ckpt = _checkpoint_at(config["resume"], cfg.storage)
     restore = None
@@ -447,6 +458,11 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
         path = f"{output.split('://', 1)[0]}://{path}"
     progress(f"train {cfg.name}: finished at step {done.get('step')}; checkpoint {path}")
     return {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id}
+
+
+def _uri(ckpt: ray.train.Checkpoint, output: str) -> str:
+    """A Ray checkpoint's location in the form `filesystem()` takes (scheme of the run's output)."""
+    return f"{output.split('://', 1)[0]}://{ckpt.path}" if "://" in output else ckpt.path
 
 
 def _checkpoint_at(uri: str, storage: StorageConfig) -> ray.train.Checkpoint:

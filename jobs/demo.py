@@ -1,0 +1,38 @@
+"""The whole chain on a laptop, no GPU, no cluster, no downloads (about 15 minutes on 2 CPU cores):
+synthetic data -> embeddings -> base model -> experts -> batch generation -> evaluation -> report.
+
+python jobs/demo.py                       # everything under ./demo; run again to resume
+python jobs/demo.py base_steps=100 expert_steps=40 eval_prompts=20 workdir=/tmp/demo-small
+"""
+
+import sys
+
+from ediffi_platform.cluster import ensure_ray
+from ediffi_platform.config import job_config, run_job
+from ediffi_platform.demo import DemoConfig, run_demo
+
+
+def main(argv=None) -> int:
+    cfg = job_config(DemoConfig, argv, __doc__)
+
+    def body():
+        ensure_ray(num_cpus=2)
+        s = run_demo(cfg)
+        a = s["alignment"]
+        print()
+        print(f"demo finished in {s['seconds'] / 60:.1f} min")
+        for name in ("base", "ensemble"):
+            print(
+                f"  {name:9s} color {100 * a[name]['color']:.1f}%  shape {100 * a[name]['shape']:.1f}%  "
+                f"position {100 * a[name]['position']:.1f}%  all five {100 * a[name]['all']:.1f}%"
+            )
+        print(f"  images:     {s['images']}/")
+        print(f"  grid:       {s['grid']}")
+        print(f"  report:     {s['report']}")
+        print(f"  MLflow UI:  {s['mlflow']}   (then open http://127.0.0.1:5000)")
+
+    return run_job(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

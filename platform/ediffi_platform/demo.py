@@ -1,0 +1,270 @@
+"""The end-to-end demo on embedded defaults: synthetic shards -> embeddings (Ray Data) -> base model
+(Ray Train, 2 CPU workers) -> two experts fine-tuned concurrently -> batch generation for held-out
+captions from both the base model and the ensemble -> alignment judged from the pixels -> an HTML
+report, a sample grid, and the MLflow runs. Every stage resumes when the demo is run again.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ediffi.conditioning import DropoutConfig
+from ediffi.pipeline import SamplerConfig
+from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
+from ediffi_platform.generate import GenerateConfig, run_generate
+from ediffi_platform.ingest import ImageFilter, InputConfig
+from ediffi_platform.judge import alignment, read_labels
+from ediffi_platform.precompute import PrecomputeConfig, run_precompute
+from ediffi_platform.synthetic import LABELS, SyntheticConfig, make_shard, write_synthetic
+from ediffi_platform.tracking import Tracker, TrackingConfig, resolve
+from ediffi_platform.train import OptimConfig, TrainConfig, run_training
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's sizes (defaults sized for ~15 minutes on 2 CPU cores; see the README's figures)."""
+
+    workdir: str = "demo"  # everything goes here: data, runs, outputs, mlflow.db, report.html
+    rows: int = 4000  # synthetic training rows
+    preset: str = "tiny"  # network preset (its resolution sets the data's); "demo" is 32px and ~6x slower
+    batch_size: int = 32  # per worker
+    base_steps: int = 400  # base model steps (2 workers)
+    expert_steps: int = 150  # steps per expert (two experts, concurrently)
+    lr: float = 2e-3  # peak learning rate
+    eval_prompts: int = 60  # held-out captions generated and judged per model
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=18, guidance=3.0))
+
+    def __post_init__(self) -> None:
+        for k in ("rows", "batch_size", "base_steps", "expert_steps", "eval_prompts"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+def run_demo(cfg: DemoConfig, progress=print) -> dict:
+    """Run (or resume) every stage; returns the summary it also writes to {workdir}/summary.json."""
+    t0 = time.time()
+    w = Path(cfg.workdir).absolute()
+    w.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    say = lambda m: progress(f"[demo {time.time() - t0:5.0f}s] {m}")
+    tracking = resolve(TrackingConfig(uri=f"sqlite:///{w / 'mlflow.db'}", artifact_root=(w / "mlruns").as_uri()))
+    from ediffi.presets import get_preset
+
+    R = get_preset(cfg.preset).img_resolution
+
+    # 1. Data and embeddings.
+    t = time.time()
+    if not (w / "data" / "synthetic").exists():
+        write_synthetic(SyntheticConfig(output=str(w / "data" / "synthetic"), rows=cfg.rows, shards=4))
+    run_precompute(
+        PrecomputeConfig(
+            input=InputConfig(path=str(w / "data" / "synthetic")),
+            output=str(w / "data" / "embeddings"),
+            image=ImageFilter(resolution=R),
+        ),
+        progress=say,
+    )
+    times["data"] = time.time() - t
+
+    # 2. Base model: 2 CPU workers.
+    t = time.time()
+    train = TrainConfig(
+        data=str(w / "data" / "embeddings"),
+        preset=cfg.preset,
+        steps=cfg.base_steps,
+        batch_size=cfg.batch_size,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        threads_per_worker=1,
+        optim=OptimConfig(lr=cfg.lr, warmup_steps=min(100, cfg.base_steps // 5)),
+        dropout=DropoutConfig(0.1, 0.1, 0.5),
+        ema_decay=0.99,
+        checkpoint_every=max(1, cfg.base_steps // 3),
+        log_every=max(1, cfg.base_steps // 30),
+        sample_images=16,
+        output=str(w / "runs"),
+        name="base",
+        tracking=tracking,
+    )
+    base = run_training(train, progress=say)
+    times["base"] = time.time() - t
+
+    # 3. Two experts, split at the median of the training noise distribution, concurrently.
+    t = time.time()
+    expert_train = replace(
+        train,
+        steps=cfg.expert_steps,
+        num_workers=1,
+        cpus_per_worker=0.5,
+        threads_per_worker=1,
+        optim=OptimConfig(lr=cfg.lr / 2, warmup_steps=min(20, cfg.expert_steps // 5)),
+        checkpoint_every=cfg.expert_steps,
+        log_every=max(1, cfg.expert_steps // 10),
+        sample_images=0,
+    )
+    experts = run_finetune(
+        FinetuneConfig(
+            base=base["checkpoint"], plan=ExpertPlan(quantiles=(0.5,)), train=expert_train, output=str(w / "experts")
+        ),
+        progress=say,
+    )
+    times["experts"] = time.time() - t
+
+    # 4. Generation for held-out captions, from the base model and from the ensemble.
+    t = time.time()
+    held = make_shard(SyntheticConfig(rows=cfg.eval_prompts, shards=1, seed=12345), 0).to_pylist()
+    (w / "prompts.txt").write_text("\n".join(r["caption"] for r in held) + "\n")
+    labels = [{k: r[k] for k in LABELS} for r in held]
+    results = {}
+    for name, model in (("base", base["checkpoint"]), ("ensemble", experts["manifest"])):
+        gen = GenerateConfig(
+            prompts=str(w / "prompts.txt"),
+            out=str(w / "outputs" / name),
+            model=model,
+            sampler=cfg.sampler,
+            seed=0,
+            batch_size=25,
+            num_cpus=1.5,
+            threads_per_actor=2,
+            tracking=tracking,
+        )
+        summary = run_generate(gen, progress=say)
+        images = _images_by_line(w / "outputs" / name)
+        scores = alignment([images[i + 1] for i in range(len(held))], labels)
+        results[name] = {"alignment": scores, "generation": summary["run"]}
+        say(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
+    times["generate_and_judge"] = time.time() - t
+
+    # 5. Report.
+    _log_alignment(tracking, results, cfg)
+    grid_path = _grid(w, held)
+    report = _report(w, cfg, held, labels, results, base, experts, tracking, times)
+    summary = {
+        "seconds": time.time() - t0,
+        "stage_seconds": times,
+        "alignment": {k: v["alignment"] for k, v in results.items()},
+        "images": str(w / "outputs"),
+        "grid": str(grid_path),
+        "report": str(report),
+        "base_checkpoint": base["checkpoint"],
+        "ensemble_manifest": experts["manifest"],
+        "mlflow": f"mlflow ui --backend-store-uri {tracking.uri}",
+    }
+    (w / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _images_by_line(out: Path) -> dict[int, np.ndarray]:
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    meta = pq.read_table(str(out / "metadata")).to_pylist()
+    return {m["line"]: np.asarray(Image.open(out / m["image"]).convert("RGB")) for m in meta}
+
+
+def _grid(w: Path, held: list[dict]) -> Path:
+    """Ensemble samples for the first 16 held-out captions, 4x4."""
+    import torch
+    from PIL import Image
+
+    from ediffi.pipeline import grid
+
+    imgs = _images_by_line(w / "outputs" / "ensemble")
+    tiles = torch.from_numpy(np.stack([imgs[i + 1] for i in range(min(16, len(held)))]))
+    path = w / "grid.png"
+    big = Image.fromarray(grid(tiles, cols=4).numpy())
+    big.resize((big.width * 4, big.height * 4), Image.NEAREST).save(path)
+    return path
+
+
+def _log_alignment(tracking, results: dict, cfg: DemoConfig) -> None:
+    tracker = Tracker(tracking, run_name="demo-evaluation")
+    if not tracker.run_id:
+        return
+    tracker.params({"eval_prompts": str(cfg.eval_prompts), "sampler.steps": str(cfg.sampler.steps)})
+    for name, r in results.items():
+        tracker.metrics({f"{name}/{k}": v for k, v in r["alignment"].items()}, 0)
+    tracker.finish()
+
+
+def _svg_curve(points: list[tuple[int, float]], w: int = 360, h: int = 140) -> str:
+    if len(points) < 2:
+        return "<p>(no curve)</p>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda x: 30 + (w - 40) * (x - x0) / max(1e-9, x1 - x0)
+    sy = lambda y: 10 + (h - 30) * (1 - (y - y0) / max(1e-9, y1 - y0))
+    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    return (
+        f'<svg width="{w}" height="{h}" style="background:#fafafa;border:1px solid #ddd">'
+        f'<polyline fill="none" stroke="#c33" stroke-width="1.5" points="{path}"/>'
+        f'<text x="32" y="{h - 6}" font-size="10">step {x0}</text>'
+        f'<text x="{w - 70}" y="{h - 6}" font-size="10">step {x1}</text>'
+        f'<text x="32" y="20" font-size="10">{y1:.3f}</text><text x="32" y="{h - 18}" font-size="10">{y0:.3f}</text>'
+        "</svg>"
+    )
+
+
+def _curves(tracking, run_ids: dict[str, str]) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.uri)
+    parts = []
+    for name, rid in run_ids.items():
+        if not rid:
+            continue
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
+        parts.append(
+            f"<div style='display:inline-block;margin:4px'><b>{html.escape(name)}</b><br>{_svg_curve(hist)}</div>"
+        )
+    return "".join(parts)
+
+
+def _report(w, cfg, held, labels, results, base, experts, tracking, times) -> Path:
+    import base64
+    import io
+
+    from PIL import Image
+
+    def img_tag(arr: np.ndarray) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(arr).resize((96, 96), Image.NEAREST).save(buf, format="PNG")
+        return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+    runs = {"base": base.get("mlflow_run_id")}
+    runs.update({n: e.get("mlflow_run_id") for n, e in experts["experts"].items()})
+    rows = []
+    images = {n: _images_by_line(w / "outputs" / n) for n in results}
+    for i, (r, lab) in enumerate(zip(held[:24], labels[:24], strict=False)):
+        cells = []
+        for n in results:
+            seen = read_labels(images[n][i + 1])
+            ok = " ".join(
+                ("&#10003;" if seen[k] == lab[k] else "&#10007;") + k[0] for k in ("color", "shape", "position")
+            )
+            cells.append(f"<td>{img_tag(images[n][i + 1])}<br><small>{ok}</small></td>")
+        rows.append(f"<tr><td>{html.escape(r['caption'])}</td>{''.join(cells)}</tr>")
+    table = "".join(
+        f"<tr><td>{n}</td>" + "".join(f"<td>{100 * v['alignment'][k]:.1f}%</td>" for k in (*LABELS, "all")) + "</tr>"
+        for n, v in results.items()
+    )
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>ediffi demo</title>
+<style>body{{font-family:sans-serif;margin:24px}} td,th{{padding:4px 8px;border-bottom:1px solid #eee}}</style></head>
+<body><h1>ediffi demo report</h1>
+<p>{cfg.rows} synthetic rows, preset <b>{cfg.preset}</b>; base model {cfg.base_steps} steps on 2 workers, two experts
+{cfg.expert_steps} steps each (split at the median of the training noise distribution), Heun {cfg.sampler.steps} steps,
+guidance {cfg.sampler.guidance}. Stage times: {", ".join(f"{k} {v:.0f} s" for k, v in times.items())}.</p>
+<h2>Text alignment on {len(held)} held-out captions (judged from the pixels)</h2>
+<table><tr><th>model</th>{"".join(f"<th>{k}</th>" for k in (*LABELS, "all five"))}</tr>{table}</table>
+<h2>Training loss</h2>{_curves(tracking, runs)}
+<h2>Samples per prompt</h2><table><tr><th>caption</th>{"".join(f"<th>{n}</th>" for n in results)}</tr>{"".join(rows)}</table>
+<p>MLflow: <code>mlflow ui --backend-store-uri {html.escape(tracking.uri)}</code></p></body></html>"""
+    path = w / "report.html"
+    path.write_text(doc)
+    return path
