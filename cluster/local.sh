@@ -1,35 +1,47 @@
 #!/usr/bin/env bash
 # A local Ray head on this machine, jobs submitted to it exactly as to a real cluster.
 #
-#   bash cluster/local.sh start      # starts a head (dashboard on 127.0.0.1:8265), records its PID
-#   bash cluster/local.sh submit jobs/train_base.py --config configs/train_demo.yaml
-#   bash cluster/local.sh stop       # stops the head this script started (never `ray stop`: other
-#                                    # users' Ray instances on a shared machine stay untouched)
+#   bash cluster/local.sh start      # a head (dashboard on 127.0.0.1:8265) in the background, PID recorded
+#   bash cluster/local.sh submit jobs/generate.py --config configs/generate_demo.yaml --prompts p.txt --out out
+#   bash cluster/local.sh stop       # stops that head by its own PID (never `ray stop`: it would kill
+#                                    # every Ray process on a shared machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RAY=${RAY:-.venv/bin/ray}
+VENV=${VENV:-$PWD/.venv}
 STATE=${EDIFFI_RAY_STATE:-/tmp/ediffi-ray-head}
 PORT=${EDIFFI_RAY_PORT:-6390}
 DASH=${EDIFFI_DASHBOARD_PORT:-8265}
+export PATH="$VENV/bin:$PATH"  # the head resolves the jobs' `python` from its own PATH
 case "${1:-}" in
   start)
     mkdir -p "$STATE"
-    "$RAY" start --head --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
-      --temp-dir "$STATE/tmp" --num-cpus "${EDIFFI_NUM_CPUS:-2}" --disable-usage-stats
-    pgrep -f "gcs_server.*--gcs_server_port=$PORT" > "$STATE/gcs.pid" || true
-    echo "head up: RAY_ADDRESS=http://127.0.0.1:$DASH"
+    nohup ray start --head --block --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
+      --temp-dir "$STATE/tmp" --num-cpus "${EDIFFI_NUM_CPUS:-2}" --disable-usage-stats \
+      > "$STATE/head.log" 2>&1 &
+    echo $! > "$STATE/head.pid"
+    for _ in $(seq 120); do  # wait for the job API
+      if RAY_AUTH_MODE=token ray job list --address "http://127.0.0.1:$DASH" > /dev/null 2>&1; then
+        echo "head up (pid $(cat "$STATE/head.pid")): RAY_ADDRESS=http://127.0.0.1:$DASH"
+        exit 0
+      fi
+      sleep 1
+    done
+    echo "head did not come up; see $STATE/head.log" >&2
+    exit 1
     ;;
   submit)
     shift
-    RAY_ADDRESS="http://127.0.0.1:$DASH" "$RAY" job submit --runtime-env cluster/runtime_env.yaml \
-      --working-dir . -- python "$@"
+    RAY_AUTH_MODE=token ray job submit --address "http://127.0.0.1:$DASH" \
+      --runtime-env cluster/runtime_env.yaml --working-dir . -- python "$@"
     ;;
   stop)
-    # Stop only this head's processes: everything under its own temp dir / GCS port.
-    pkill -f -- "--temp-dir=$STATE/tmp" || true
-    pkill -f -- "$STATE/tmp" || true
-    pkill -f "gcs_server.*--gcs_server_port=$PORT" || true
-    echo "head on port $PORT stopped"
+    if [ -f "$STATE/head.pid" ]; then
+      pid=$(cat "$STATE/head.pid")
+      kill "$pid" 2> /dev/null || true
+      for _ in $(seq 60); do kill -0 "$pid" 2> /dev/null || break; sleep 1; done
+      rm -f "$STATE/head.pid"
+      echo "head $pid stopped"
+    fi
     ;;
   *)
     echo "usage: $0 start | submit JOB.py [args...] | stop" >&2
