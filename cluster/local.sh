@@ -31,8 +31,24 @@ case "${1:-}" in
     ;;
   submit)
     shift
-    RAY_AUTH_MODE=token ray job submit --address "http://127.0.0.1:$DASH" \
-      --runtime-env cluster/runtime_env.yaml --working-dir . -- python "$@"
+    # A fresh head answers the job API a little before its job agent is ready ("No available
+    # agent"): nothing was submitted then, so try again.
+    for _ in $(seq 30); do
+      log=$(mktemp)
+      if RAY_AUTH_MODE=token ray job submit --address "http://127.0.0.1:$DASH" \
+        --runtime-env cluster/runtime_env.yaml --working-dir . -- python "$@" 2>&1 | tee "$log"; then
+        rm -f "$log"
+        exit 0
+      fi
+      if grep -q "No available agent" "$log"; then
+        rm -f "$log"
+        sleep 2
+        continue
+      fi
+      rm -f "$log"
+      exit 1
+    done
+    exit 1
     ;;
   stop)
     if [ -f "$STATE/head.pid" ]; then
