@@ -11,12 +11,13 @@ VENV=${VENV:-$PWD/.venv}
 STATE=${EDIFFI_RAY_STATE:-/tmp/ediffi-ray-head}
 PORT=${EDIFFI_RAY_PORT:-6390}
 DASH=${EDIFFI_DASHBOARD_PORT:-8265}
+AGENT=${EDIFFI_AGENT_PORT:-52365}  # the job agent's HTTP port: another Ray instance on this host may hold the default
 export PATH="$VENV/bin:$PATH"  # the head resolves the jobs' `python` from its own PATH
 case "${1:-}" in
   start)
     mkdir -p "$STATE"
     nohup ray start --head --block --port "$PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASH" \
-      --temp-dir "$STATE/tmp" --num-cpus "${EDIFFI_NUM_CPUS:-2}" --disable-usage-stats \
+      --dashboard-agent-listen-port "$AGENT" --temp-dir "$STATE/tmp" --num-cpus "${EDIFFI_NUM_CPUS:-2}" --disable-usage-stats \
       > "$STATE/head.log" 2>&1 &
     echo $! > "$STATE/head.pid"
     for _ in $(seq 120); do  # wait for the job API

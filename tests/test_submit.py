@@ -31,6 +31,7 @@ def test_job_submitted_to_a_local_head(tmp_path):
         "EDIFFI_RAY_STATE": str(state),
         "EDIFFI_RAY_PORT": str(_port()),
         "EDIFFI_DASHBOARD_PORT": str(_port()),
+        "EDIFFI_AGENT_PORT": str(_port()),  # the session's own Ray cluster may hold the default one
         "VENV": str(Path(os.sys.executable).parent.parent),
     }
     env.pop("RAY_ADDRESS", None)
