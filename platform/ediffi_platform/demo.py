@@ -137,13 +137,13 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
         summary = run_generate(gen, progress=say)
         images = _images_by_line(w / "outputs" / name)
         scores = alignment([images[i + 1] for i in range(len(held))], labels)
-        results[name] = {"alignment": scores, "generation": summary["run"]}
+        results[name] = {"alignment": scores, "generation": summary["run"], "images": images}
         say(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
     times["generate_and_judge"] = time.time() - t
 
     # 5. Report.
     _log_alignment(tracking, results, cfg)
-    grid_path = _grid(w, held)
+    grid_path = _grid(w, results["ensemble"]["images"], len(held))
     report = _report(w, cfg, held, labels, results, base, experts, tracking, times)
     summary = {
         "seconds": time.time() - t0,
@@ -168,15 +168,14 @@ def _images_by_line(out: Path) -> dict[int, np.ndarray]:
     return {m["line"]: np.asarray(Image.open(out / m["image"]).convert("RGB")) for m in meta}
 
 
-def _grid(w: Path, held: list[dict]) -> Path:
+def _grid(w: Path, imgs: dict[int, np.ndarray], n: int) -> Path:
     """Ensemble samples for the first 16 held-out captions, 4x4."""
     import torch
     from PIL import Image
 
     from ediffi.pipeline import grid
 
-    imgs = _images_by_line(w / "outputs" / "ensemble")
-    tiles = torch.from_numpy(np.stack([imgs[i + 1] for i in range(min(16, len(held)))]))
+    tiles = torch.from_numpy(np.stack([imgs[i + 1] for i in range(min(16, n))]))
     path = w / "grid.png"
     big = Image.fromarray(grid(tiles, cols=4).numpy())
     big.resize((big.width * 4, big.height * 4), Image.NEAREST).save(path)
@@ -240,7 +239,7 @@ def _report(w, cfg, held, labels, results, base, experts, tracking, times) -> Pa
     runs = {"base": base.get("mlflow_run_id")}
     runs.update({n: e.get("mlflow_run_id") for n, e in experts["experts"].items()})
     rows = []
-    images = {n: _images_by_line(w / "outputs" / n) for n in results}
+    images = {n: r["images"] for n, r in results.items()}
     for i, (r, lab) in enumerate(zip(held[:24], labels[:24], strict=False)):
         cells = []
         for n in results:
