@@ -4,23 +4,13 @@ python jobs/make_synthetic_data.py data.output=data/synthetic data.rows=2000 dat
 """
 
 import sys
-from dataclasses import dataclass, field
 
 from ediffi_platform.config import job_config, run_job
-from ediffi_platform.storage import StorageConfig
-from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
-
-
-@dataclass(frozen=True)
-class Job:
-    """make_synthetic_data settings."""
-
-    data: SyntheticConfig = field(default_factory=SyntheticConfig)  # what to write
-    storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
+from ediffi_platform.synthetic import SyntheticJob, write_synthetic
 
 
 def main(argv=None) -> int:
-    job = job_config(Job, argv, __doc__)  # e.g. data.rows=2000 data.output=...
+    job = job_config(SyntheticJob, argv, __doc__)  # e.g. data.rows=2000 data.output=...
 
     def body():
         urls = write_synthetic(job.data, job.storage)

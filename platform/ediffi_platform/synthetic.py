@@ -8,7 +8,7 @@ be judged programmatically. Deterministic by seed: shard i of seed s is the same
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +66,14 @@ class SyntheticConfig:
             raise ValueError(f"image_format must be jpg, png or webp, got {self.image_format!r}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+
+
+@dataclass(frozen=True)
+class SyntheticJob:
+    """The synthetic-data job: what to write, and the object store's settings."""
+
+    data: SyntheticConfig = field(default_factory=SyntheticConfig)  # what to write
+    storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
 
 
 def draw(
