@@ -181,6 +181,11 @@ class ConditioningEncoder(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings [B, e] of images [B, 3, H, W] (uint8, or float in [0, 1])."""
+        return self.clip.encode_image(self.clip_pixels(images)).float()
+
+    @torch.no_grad()
+    def clip_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's input for images [B, 3, H, W] (uint8, or float in [0, 1]): resized, normalised."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
         x = images.to(self.device)
@@ -194,8 +199,7 @@ class ConditioningEncoder(nn.Module):
         ).clamp(0, 1)
         mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device).reshape(1, 3, 1, 1)
         std = torch.tensor(OPENAI_DATASET_STD, device=x.device).reshape(1, 3, 1, 1)
-        dtype = self.clip.token_embedding.weight.dtype
-        return self.clip.encode_image(((x - mean) / std).to(dtype)).float()
+        return ((x - mean) / std).to(self.clip.token_embedding.weight.dtype)
 
     @torch.no_grad()
     def encode(self, prompts: list[str], images: torch.Tensor | None = None) -> tuple[Cond, EncodeStats]:

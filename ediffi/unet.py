@@ -2,8 +2,9 @@
 
 Residual blocks with group norm and an adaptive scale/shift from the embedding vector; self- and
 cross-attention at chosen resolutions. The embedding vector is the noise-level embedding plus the
-projected pooled CLIP text embedding and CLIP image embedding (and, for super-resolution, the
-augmentation level). Cross-attention reads [null; T5 tokens; CLIP text tokens; CLIP image token],
+projected pooled CLIP text embedding and CLIP image embedding (optionally an attention-pooled summary
+of the whole conditioning sequence; for super-resolution, the augmentation level). Optionally the
+input is folded into patches (pixel unshuffle) so that a 32px network runs its levels from 16px. Cross-attention reads [null; T5 tokens; CLIP text tokens; CLIP image token],
 each projected to `ctx_dim`, with a key-padding mask; the always-present learned null token keeps
 the softmax defined when every embedding is dropped.
 """
@@ -34,13 +35,19 @@ class UNetConfig:
     ctx_dim: int = 512  # width of the projected cross-attention sequence
     dropout: float = 0.0  # dropout inside residual blocks
     sr: bool = False  # super-resolution: also conditioned on cond.lowres and cond.aug_sigma
+    patch_size: int = (
+        1  # pixels per side folded into channels at the input (1 = none); levels start at img_resolution / patch_size
+    )
+    pool_heads: int = 0  # > 0: learned queries attention-pool the conditioning sequence into the embedding vector
     cond: CondSpec = field(default_factory=CondSpec)  # shapes of the conditioning embeddings
 
     def __post_init__(self) -> None:
-        if self.img_resolution % (2 ** (len(self.channel_mult) - 1)):
+        if self.patch_size < 1:
+            raise ValueError(f"UNetConfig.patch_size must be >= 1, got {self.patch_size}")
+        if self.img_resolution % (self.patch_size * 2 ** (len(self.channel_mult) - 1)):
             raise ValueError(
                 f"UNetConfig.img_resolution={self.img_resolution} is not divisible by "
-                f"2^(len(channel_mult)-1)={2 ** (len(self.channel_mult) - 1)}"
+                f"patch_size * 2^(len(channel_mult)-1)={self.patch_size * 2 ** (len(self.channel_mult) - 1)}"
             )
         for name in (
             "img_resolution",
@@ -56,11 +63,20 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.pool_heads < 0 or (self.pool_heads and self.ctx_dim % self.pool_heads):
+            raise ValueError(
+                f"UNetConfig.pool_heads must be >= 0 and divide ctx_dim={self.ctx_dim}, got {self.pool_heads}"
+            )
         for m in self.channel_mult:
             if (self.model_channels * m) % self.head_dim:
                 raise ValueError(
                     f"UNetConfig: width {self.model_channels * m} must be a multiple of head_dim={self.head_dim}"
                 )
+
+    @property
+    def base_resolution(self) -> int:
+        """Resolution of the first level (after folding patches into channels)."""
+        return self.img_resolution // self.patch_size
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict."""
@@ -187,6 +203,25 @@ class AttnBlock(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class AttnPool(nn.Module):
+    """Learned queries (one per head) attend over the conditioning sequence; the heads' outputs,
+    projected, join the embedding vector. Zero queries start as the mean over present tokens."""
+
+    def __init__(self, ctx_dim: int, emb_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(heads, ctx_dim // heads))
+        self.kv = nn.Linear(ctx_dim, 2 * ctx_dim)
+        self.proj = nn.Linear(ctx_dim, emb_dim)
+
+    def forward(self, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        B, L, D = ctx.shape
+        k, v = (t.reshape(B, L, self.heads, D // self.heads).transpose(1, 2) for t in self.kv(ctx).chunk(2, dim=2))
+        q = self.query[None, :, None].expand(B, -1, -1, -1).to(ctx.dtype)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_mask[:, None, None, :])
+        return self.proj(h.reshape(B, D))
+
+
 class UNet(nn.Module):
     """F(c_in x, c_noise, cond) -> raw output; wrap in EDMPrecond to get a denoiser."""
 
@@ -209,14 +244,15 @@ class UNet(nn.Module):
         self.clip_proj = nn.Linear(spec.clip_dim, D)
         self.image_token_proj = nn.Linear(spec.clip_embed_dim, D)
         self.ctx_norm = nn.LayerNorm(D)
+        self.pool = AttnPool(D, E, cfg.pool_heads) if cfg.pool_heads else None
 
-        c_img_in = cfg.in_channels * (2 if cfg.sr else 1)
+        c_img_in = cfg.in_channels * (2 if cfg.sr else 1) * cfg.patch_size**2
         self.conv_in = nn.Conv2d(c_img_in, C, 3, padding=1)
         # Each stage is [ResBlock] or [ResBlock, AttnBlock]; encoder stages each leave one skip.
         self.enc = nn.ModuleList()
         skips, c = [C], C
         for level, mult in enumerate(cfg.channel_mult):
-            res = cfg.img_resolution >> level
+            res = cfg.base_resolution >> level
             if level > 0:
                 self.enc.append(nn.ModuleList([ResBlock(c, c, E, "down", cfg.dropout)]))
                 skips.append(c)
@@ -235,7 +271,7 @@ class UNet(nn.Module):
         self.dec = nn.ModuleList()
         self.dec_takes_skip: list[bool] = []
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            res = cfg.img_resolution >> level
+            res = cfg.base_resolution >> level
             if level < len(cfg.channel_mult) - 1:
                 self.dec.append(nn.ModuleList([ResBlock(c, c, E, "up", cfg.dropout)]))
                 self.dec_takes_skip.append(False)
@@ -244,7 +280,7 @@ class UNet(nn.Module):
                 self.dec_takes_skip.append(True)
                 c = C * mult
         self.norm_out = _norm(c)
-        self.conv_out = _zero(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+        self.conv_out = _zero(nn.Conv2d(c, cfg.in_channels * cfg.patch_size**2, 3, padding=1))
 
     @staticmethod
     def _stage(c_in: int, c_out: int, res: int, resample: str, cfg: UNetConfig) -> nn.ModuleList:
@@ -269,10 +305,14 @@ class UNet(nn.Module):
         mask = torch.cat([ones, cond.t5_mask, cond.clip_mask, cond.clip_image_mask[:, None]], dim=1)
         return self.ctx_norm(ctx), mask
 
-    def embedding(self, c_noise: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The per-sample embedding vector fed to every residual block."""
+    def embedding(
+        self, c_noise: torch.Tensor, cond: Cond, ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The per-sample embedding vector fed to every residual block (ctx: `context(cond)`, if known)."""
         emb = self.noise_mlp(self.noise_fourier(c_noise))
         emb = emb + self.pooled_proj(cond.clip_pooled) + self.image_proj(cond.clip_image)
+        if self.pool is not None:
+            emb = emb + self.pool(*((ctx, ctx_mask) if ctx is not None else self.context(cond)))
         if self.cfg.sr:
             emb = emb + self.aug_mlp(self.aug_fourier(cond.aug_sigma))
         return F.silu(emb)
@@ -290,8 +330,10 @@ class UNet(nn.Module):
                 raise ValueError("super-resolution network needs cond.lowres and cond.aug_sigma")
             lowres = F.interpolate(cond.lowres.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, lowres], dim=1)
-        emb = self.embedding(c_noise, cond)
+        if self.cfg.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.cfg.patch_size)
         ctx, ctx_mask = self.context(cond)
+        emb = self.embedding(c_noise, cond, ctx, ctx_mask)
         h = self.conv_in(x)
         skips = [h]
         for stage in self.enc:
@@ -302,4 +344,5 @@ class UNet(nn.Module):
             if takes_skip:
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(stage, h, emb, ctx, ctx_mask)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.cfg.patch_size) if self.cfg.patch_size > 1 else out

@@ -12,7 +12,13 @@ from ediffi_platform.demo import DemoConfig, run_demo
 @pytest.mark.usefixtures("ray_local")
 def test_demo_end_to_end_small(tmp_path):
     cfg = DemoConfig(
-        workdir=str(tmp_path / "demo"), rows=256, preset="tiny", base_steps=4, expert_steps=2, eval_prompts=6
+        workdir=str(tmp_path / "demo"),
+        rows=256,
+        preset="tiny32",
+        clip_steps=5,
+        base_steps=4,
+        expert_steps=2,
+        eval_prompts=6,
     )
     logs = []
     s = run_demo(cfg, progress=logs.append)

@@ -104,3 +104,48 @@ def test_config_errors_name_the_field():
         get_preset("huge")
     cfg = get_preset("demo")
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_patch_size_folds_pixels_into_channels():
+    tiny = get_preset("tiny")
+    cfg = get_preset("tiny", img_resolution=32, patch_size=2)
+    D = randomize(build_denoiser(cfg), seed=2).eval()
+    x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 5.0])
+    cond = random_cond(cfg.cond, 2)
+    out = D(x, s, cond)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # Same levels as the unpatched 16px network: about its cost, for 4x the pixels.
+    assert forward_flops(cfg) < 1.2 * forward_flops(tiny)
+    # Each output pixel depends on the input (the folding is a permutation, not a downsampling).
+    x2 = x.clone()
+    x2[:, :, 1, 1] += 1.0  # an odd pixel: lost by any stride-2 subsampling
+    assert (D(x2, s, cond) - out).abs().max() > 1e-4
+    sr = randomize(build_denoiser(get_preset("tiny_sr", patch_size=2)), seed=2).eval()
+    cond.lowres, cond.aug_sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.0, 0.1])
+    assert sr(x, s, cond).shape == x.shape
+    with pytest.raises(ValueError, match="patch_size"):
+        get_preset("tiny", patch_size=3)
+
+
+def test_pool_heads_summarise_present_tokens_into_the_embedding():
+    cfg = get_preset("tiny", pool_heads=2)
+    net = randomize(build_denoiser(cfg), seed=4).net.eval()
+    cond = random_cond(cfg.cond, 2)
+    c_noise = torch.tensor([0.1, 0.2])
+    plain = (
+        net.noise_mlp(net.noise_fourier(c_noise)) + net.pooled_proj(cond.clip_pooled) + net.image_proj(cond.clip_image)
+    )
+    base = net.embedding(c_noise, cond)
+    assert (base - torch.nn.functional.silu(plain)).abs().max() > 1e-3  # the pool contributes
+    padded = cond.t5.masked_fill(~cond.t5_mask[..., None], 100.0)  # padding is never attended
+    torch.testing.assert_close(net.embedding(c_noise, replace(cond, t5=padded)), base)
+    assert (net.embedding(c_noise, replace(cond, t5=cond.t5 + 1.0)) - base).abs().max() > 1e-3
+    # Zero queries: uniform attention, i.e. the projected mean of the present tokens' values.
+    torch.nn.init.zeros_(net.pool.query)
+    ctx, mask = net.context(cond)
+    v = net.pool.kv(ctx).chunk(2, dim=2)[1]
+    m = mask[..., None].float()
+    mean = (v * m).sum(1) / m.sum(1)
+    torch.testing.assert_close(net.embedding(c_noise, cond), torch.nn.functional.silu(plain + net.pool.proj(mean)))
+    with pytest.raises(ValueError, match="pool_heads"):
+        get_preset("tiny", pool_heads=3)

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import ray
 
 from ediffi.conditioning import DropoutConfig
+from ediffi.encoders import EncoderConfig
 from ediffi.pipeline import SamplerConfig
+from ediffi_platform.clip_fit import ClipFitConfig, fit_clip
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
 from ediffi_platform.generate import GenerateConfig, run_generate
 from ediffi_platform.ingest import ImageFilter, InputConfig
@@ -32,15 +35,21 @@ class DemoConfig:
 
     workdir: str = "demo"  # everything goes here: data, runs, outputs, mlflow.db, report.html
     rows: int = 4000  # synthetic training rows
-    preset: str = "tiny"  # network preset (its resolution sets the data's); "demo" is 32px and ~6x slower
+    preset: str = "tiny32"  # network preset (its resolution sets the data's; the judge needs >= 32px for shapes)
     batch_size: int = 32  # per worker
-    base_steps: int = 400  # base model steps (2 workers)
-    expert_steps: int = 150  # steps per expert (two experts, concurrently)
-    lr: float = 2e-3  # peak learning rate
-    eval_prompts: int = 60  # held-out captions generated and judged per model
+    base_steps: int = 900  # base model steps (2 workers)
+    expert_steps: int = 200  # steps per expert (two experts, concurrently)
+    lr: float = 4e-3  # peak learning rate
+    P_mean: float = (
+        -0.4
+    )  # training noise centre, ln(sigma); above EDM's -1.2: layout and color are decided at high noise
+    clip_steps: int = 500  # contrastive steps fitting the tiny CLIP to the training pairs first (0 = keep it random)
+    eval_prompts: int = 100  # held-out captions generated and judged per model
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=18, guidance=3.0))
 
     def __post_init__(self) -> None:
+        if self.clip_steps < 0:
+            raise ValueError(f"clip_steps must be >= 0, got {self.clip_steps}")
         for k in ("rows", "batch_size", "base_steps", "expert_steps", "eval_prompts"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -62,11 +71,22 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     t = time.time()
     if not (w / "data" / "synthetic").exists():
         write_synthetic(SyntheticConfig(output=str(w / "data" / "synthetic"), rows=cfg.rows, shards=4))
+    encoders = EncoderConfig()
+    if cfg.clip_steps:
+        clip = w / "data" / "clip.safetensors"
+        if not clip.exists():
+            fit = ClipFitConfig(
+                input=InputConfig(path=str(w / "data" / "synthetic")), output=str(clip), steps=cfg.clip_steps
+            )
+            r = ray.get(ray.remote(num_cpus=1)(fit_clip).remote(fit))  # on the cluster, like every stage
+            say(f"clip fit: {r['pairs']} pairs, contrastive loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}")
+        encoders = EncoderConfig(clip_pretrained=str(clip))
     run_precompute(
         PrecomputeConfig(
             input=InputConfig(path=str(w / "data" / "synthetic")),
             output=str(w / "data" / "embeddings"),
             image=ImageFilter(resolution=R),
+            encoders=encoders,
         ),
         progress=say,
     )
@@ -83,6 +103,7 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
         cpus_per_worker=0.5,
         threads_per_worker=1,
         optim=OptimConfig(lr=cfg.lr, warmup_steps=min(100, cfg.base_steps // 5)),
+        P_mean=cfg.P_mean,
         dropout=DropoutConfig(0.1, 0.1, 0.5),
         ema_decay=0.99,
         checkpoint_every=max(1, cfg.base_steps // 3),
@@ -256,7 +277,8 @@ def _report(w, cfg, held, labels, results, base, experts, tracking, times) -> Pa
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>ediffi demo</title>
 <style>body{{font-family:sans-serif;margin:24px}} td,th{{padding:4px 8px;border-bottom:1px solid #eee}}</style></head>
 <body><h1>ediffi demo report</h1>
-<p>{cfg.rows} synthetic rows, preset <b>{cfg.preset}</b>; base model {cfg.base_steps} steps on 2 workers, two experts
+<p>{cfg.rows} synthetic rows, preset <b>{cfg.preset}</b>; the tiny CLIP fitted to the training pairs for
+{cfg.clip_steps} contrastive steps (0 = random, as shipped); base model {cfg.base_steps} steps on 2 workers, two experts
 {cfg.expert_steps} steps each (split at the median of the training noise distribution), Heun {cfg.sampler.steps} steps,
 guidance {cfg.sampler.guidance}. Stage times: {", ".join(f"{k} {v:.0f} s" for k, v in times.items())}.</p>
 <h2>Text alignment on {len(held)} held-out captions (judged from the pixels)</h2>

@@ -98,7 +98,7 @@ class FinetuneConfig:
 
 def expert_names(plan: ExpertPlan) -> list[str]:
     """Stable names of every expert the plan trains, level by level."""
-    levels = plan.levels()
+    levels = plan.levels()  # names depend only on the plan's shape, not on the noise distribution
     if len(levels) == 1:
         return [f"expert{i}" for i in range(len(levels[0]))]
     return [f"level{d + 1}-expert{i}" for d, level in enumerate(levels) for i in range(len(level))]
@@ -109,7 +109,8 @@ def expert_configs(cfg: FinetuneConfig, base: str) -> list[list[tuple[str, str |
     An expert's init_from is its parent's final checkpoint, known once the level before finished."""
     names = iter(expert_names(cfg.plan))
     out = []
-    for d, level in enumerate(cfg.plan.levels()):
+    noise = NoiseDistribution(cfg.train.P_mean, cfg.train.P_std)  # quantiles of the base's training noise
+    for d, level in enumerate(cfg.plan.levels(noise)):
         row = []
         for iv, parent in level:
             name = next(names)

@@ -40,7 +40,7 @@ from ediffi.distributed import (
     load_optimizer_state,
     shard_denoiser,
 )
-from ediffi.edm import NoiseDistribution
+from ediffi.edm import P_MEAN, P_STD, NoiseDistribution
 from ediffi.ema import EMA
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
 from ediffi.presets import PRESETS, build_denoiser, get_preset
@@ -81,6 +81,8 @@ class TrainConfig:
     dropout: DropoutConfig = field(default_factory=DropoutConfig)  # per-embedding dropout
     lowres: int = 0  # 0 = a base stage; else a super-resolution stage upsampling from this resolution
     aug_sigma_max: float = 0.5  # SR stages: noise-conditioning augmentation level ~ U[0, aug_sigma_max]
+    P_mean: float = P_MEAN  # training noise: ln(sigma) ~ N(P_mean, P_std^2) (EDM's defaults)
+    P_std: float = P_STD  # spread of ln(sigma)
     sigma_lo: float = 0.0  # train only on sigma in [sigma_lo, sigma_hi) (experts)
     sigma_hi: float = math.inf  # upper end of the noise interval
     dtype: str = "auto"  # autocast dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
@@ -104,6 +106,10 @@ class TrainConfig:
     ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
     fail_at_step: int | None = None  # testing only: the last worker dies once (per output/name) at this step
 
+    def noise(self) -> NoiseDistribution:
+        """The training noise distribution, restricted to [sigma_lo, sigma_hi)."""
+        return NoiseDistribution(self.P_mean, self.P_std, self.sigma_lo, self.sigma_hi)
+
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
@@ -114,7 +120,7 @@ class TrainConfig:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        NoiseDistribution(sigma_lo=self.sigma_lo, sigma_hi=self.sigma_hi)
+        self.noise()
         sr = PRESETS[self.preset].sr
         if sr and self.lowres < 1:
             raise ValueError(f"preset {self.preset!r} is a super-resolution stage: set lowres (its input resolution)")
@@ -208,7 +214,7 @@ def train_loop_per_worker(config: dict) -> dict:
             load_optimizer_state(model, opt, restore[1])
     torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
     tracker = Tracker(cfg.tracking, run_id=state.get("mlflow_run_id")) if rank == 0 else None
-    noise = NoiseDistribution(sigma_lo=cfg.sigma_lo, sigma_hi=cfg.sigma_hi)
+    noise = cfg.noise()
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7 + rank + 104729 * state["step"])
     meta = config["meta"]
     shard = ray.train.get_dataset_shard("train")
