@@ -46,7 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="manifest, checkpoint or training run folder")
     p.add_argument("--n", type=int, default=120)
-    p.add_argument("--strength", type=float, default=1.0, help="paint-with-words w'")
+    p.add_argument("--strength", default="1", help="paint-with-words w' (a comma-separated list sweeps it)")
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--style-guidance", type=float, default=3.0)
@@ -71,13 +71,13 @@ def main() -> None:
     token_masks = paint_masks(enc, prompts, masks, R)
     with torch.no_grad():
         plain = to_uint8(sample(D, cond, (3, R, R), seeds, scfg)).numpy()
-        painted = to_uint8(sample(PaintWithWords(D, token_masks, a.strength), cond, (3, R, R), seeds, scfg)).numpy()
     acc = lambda imgs: np.mean([read_labels(im)["position"] == t for im, t in zip(imgs, targets, strict=True)])
     print(f"model {a.model} ({R}px), {a.n} prompts without a position, heun {a.steps} steps, guidance {a.guidance}")
-    print(
-        f"paint-with-words: object in the painted corner {100 * acc(plain):.1f}% without painting (chance 25%), "
-        f"{100 * acc(painted):.1f}% with w'={a.strength}"
-    )
+    print(f"paint-with-words: object in the painted corner {100 * acc(plain):.1f}% without painting (chance 25%)")
+    for w in (float(v) for v in a.strength.split(",")):
+        with torch.no_grad():
+            painted = to_uint8(sample(PaintWithWords(D, token_masks, w), cond, (3, R, R), seeds, scfg)).numpy()
+        print(f"paint-with-words: {100 * acc(painted):.1f}% with w'={w:g}")
 
     # Style: color of the output vs the reference's color.
     prompts, refs, want = [], [], []
