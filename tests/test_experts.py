@@ -1,23 +1,24 @@
 """Expert fine-tuning on a local 2-CPU Ray cluster: concurrent runs, intervals, retries, skip on re-run."""
 
 import math
-from dataclasses import replace
 
 import mlflow
 import pytest
 import torch
 
 from conftest import embeddings
-from ediffi.checkpoint import load_checkpoint
+from ediffi.checkpoint import load_checkpoint, save_checkpoint
 from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution
+from ediffi.encoders import EncoderConfig
 from ediffi.ensemble import EDIFFI_BASE_QUANTILES, load_ensemble, read_manifest
 from ediffi.pipeline import SamplerConfig, sample
-from ediffi_platform.config import ConfigError, JobFailed, from_dict
+from ediffi.presets import build_denoiser, get_preset
+from ediffi_platform.config import ConfigError, JobFailed, from_dict, to_dict
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, expert_names, run_finetune
 from ediffi_platform.reader import iter_batches
 from ediffi_platform.tracking import TrackingConfig
-from ediffi_platform.train import OptimConfig, TrainConfig, run_training
+from ediffi_platform.train import OptimConfig, TrainConfig
 
 
 def test_plans():
@@ -44,7 +45,7 @@ def test_plans():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, ray_local):
-    """Tiny embedding shards and a tiny base checkpoint (10 steps)."""
+    """Tiny embedding shards and a base checkpoint (random weights: the experts only need a parent)."""
     d = tmp_path_factory.mktemp("experts")
     embeddings(d, rows=256)  # an expert run of 6 steps stays within one epoch
     train = TrainConfig(
@@ -62,8 +63,10 @@ def base(tmp_path_factory, ray_local):
         output=str(d / "runs"),
         tracking=TrackingConfig(uri=f"sqlite:///{d / 'mlflow.db'}", artifact_root=(d / "mlruns").as_uri()),
     )
-    out = run_training(replace(train, steps=10, checkpoint_every=10), progress=lambda *_: None)
-    return train, out["checkpoint"]
+    cfg = get_preset("tiny")
+    D = build_denoiser(cfg)
+    ckpt = save_checkpoint(d / "base", cfg, D, ema=D, metadata={"encoders": to_dict(EncoderConfig())})
+    return train, str(ckpt)
 
 
 def _children(train, parent_id):

@@ -397,6 +397,13 @@ def data_encoders(data: str, storage: StorageConfig) -> dict | None:
     return read_json(fs, join(root, MANIFEST)).get("encoders")
 
 
+def fail_marker(cfg: TrainConfig) -> str:
+    """Testing only: the file whose presence means this run's injected failure already happened."""
+    output = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
+    key = hashlib.sha1(join(output, cfg.name).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"ediffi-fail-{key}")  # once per run, also across reruns
+
+
 def run_training(cfg: TrainConfig, progress=print) -> dict:
     """Validate everything the workers will need, then fit (resuming from the latest checkpoint)."""
     from ray.train.torch import TorchTrainer
@@ -432,10 +439,7 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     # 3. Fit.
     fs, _ = filesystem(output, cfg.storage)
     ds, _ = ray_dataset(cfg.data, cfg.storage)
-    marker = None
-    if cfg.fail_at_step:
-        key = hashlib.sha1(join(output, cfg.name).encode()).hexdigest()[:16]
-        marker = os.path.join(tempfile.gettempdir(), f"ediffi-fail-{key}")  # once per run, also across reruns
+    marker = fail_marker(cfg) if cfg.fail_at_step else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

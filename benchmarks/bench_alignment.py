@@ -1,0 +1,121 @@
+"""Text alignment per second of CPU training, on the synthetic dataset, in one process (no Ray).
+
+    python benchmarks/bench_alignment.py --preset tiny32 --seconds 600 --evals 300
+    python benchmarks/bench_alignment.py --preset tiny32 --clip data/clip.safetensors   # a fitted CLIP
+    python benchmarks/bench_alignment.py --preset tiny32 --oracle                        # labels, not text
+
+Trains a preset on 4,000 synthetic rows for a wall-clock budget and judges 100 held-out captions
+(Heun 18 steps) at the given times. `--oracle` replaces the pooled CLIP text embedding by a one-hot
+code of the caption's labels (training and sampling): an upper bound on what the network can learn
+in the budget when the text features are perfect, which separates "the network is too slow" from
+"the text features are hard to read". All figures printed; nothing asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from ediffi.conditioning import Cond, DropoutConfig
+from ediffi.edm import NoiseDistribution
+from ediffi.ema import EMA
+from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi.pipeline import SamplerConfig, sample, to_uint8
+from ediffi.presets import build_denoiser, get_preset
+from ediffi.training import train_step
+from ediffi_platform.ingest import ImageFilter, decode_image
+from ediffi_platform.judge import alignment
+from ediffi_platform.synthetic import BACKGROUNDS, COLORS, LABELS, POSITIONS, SHAPES, SIZES, SyntheticConfig, make_shard
+
+TABLES = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS)}
+TABLES["background"] = list(BACKGROUNDS)
+
+
+def onehot(rows: list[dict], dim: int) -> torch.Tensor:
+    """Labels as a scaled one-hot code in the pooled-CLIP slot (the oracle)."""
+    v, o = torch.zeros(len(rows), dim), 0
+    for k, tab in TABLES.items():
+        for i, r in enumerate(rows):
+            v[i, o + tab.index(r[k])] = 5.0
+        o += len(tab)
+    return v
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny32")
+    p.add_argument("--seconds", type=float, default=600)
+    p.add_argument("--evals", default="300", help="comma-separated training times (s) to judge at, besides the end")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--P-mean", type=float, default=-0.4)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--clip", default=None, help="fitted CLIP weights (ediffi_platform.clip_fit); default random")
+    p.add_argument("--oracle", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = get_preset(a.preset)
+    R = cfg.img_resolution
+    enc = ConditioningEncoder(EncoderConfig(clip_pretrained=a.clip)).eval()
+    rows = [r for s in range(4) for r in make_shard(SyntheticConfig(rows=4000, shards=4), s).to_pylist()]
+    images = np.stack([decode_image(r["jpg"], ImageFilter(resolution=R))[0] for r in rows])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    parts = [
+        enc.encode(
+            [r["caption"] for r in rows[i : i + 250]], torch.from_numpy(images[i : i + 250]).permute(0, 3, 1, 2)
+        )[0]
+        for i in range(0, len(rows), 250)
+    ]
+    cond = Cond(**{k: torch.cat([c.tensors()[k] for c in parts]) for k in parts[0].tensors()})
+    if a.oracle:
+        cond.clip_pooled = onehot(rows, cond.clip_pooled.shape[1])
+    held = make_shard(SyntheticConfig(rows=100, shards=1, seed=12345), 0).to_pylist()
+    D = build_denoiser(cfg)
+    opt = torch.optim.AdamW(D.parameters(), lr=a.lr)
+    ema = EMA(D, 0.99)
+    noise, drop = NoiseDistribution(a.P_mean, 1.2), DropoutConfig(0.1, 0.1, 0.5)
+
+    def judge(step: int, t: float) -> None:
+        Dm = build_denoiser(cfg)
+        Dm.load_state_dict(ema.state_dict())
+        out = []
+        for i in range(0, len(held), 50):
+            c, _ = enc.encode([r["caption"] for r in held[i : i + 50]])
+            if a.oracle:
+                c.clip_pooled = onehot(held[i : i + 50], c.clip_pooled.shape[1])
+            with torch.no_grad():
+                seeds = list(range(i, i + len(c)))
+                out += list(
+                    to_uint8(sample(Dm.eval(), c, (3, R, R), seeds, SamplerConfig(steps=18, guidance=a.guidance)))
+                )
+        acc = alignment([o.numpy() for o in out], [{k: r[k] for k in LABELS} for r in held])
+        print(f"{t:5.0f} s  step {step:5d}  " + "  ".join(f"{k} {100 * v:3.0f}%" for k, v in acc.items()), flush=True)
+
+    evals = [float(v) for v in a.evals.split(",") if v]
+    g, step, t0, paused = torch.Generator().manual_seed(0), 0, time.time(), 0.0
+    print(
+        f"preset {a.preset} ({R}px), batch {a.batch}, lr {a.lr}, P_mean {a.P_mean}, clip {a.clip or 'random'}, "
+        f"oracle {a.oracle}; judged on {len(held)} held-out captions, heun 18, guidance {a.guidance}"
+    )
+    while (elapsed := time.time() - t0 - paused) < a.seconds:
+        if evals and elapsed >= evals[0]:
+            evals.pop(0)
+            tp = time.time()
+            judge(step, elapsed)
+            paused += time.time() - tp
+        idx = torch.randint(len(x), (a.batch,), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = a.lr * min(1.0, (step + 1) / 100)
+        train_step(D, opt, [(x[idx], cond[idx])], noise, drop)
+        ema.update(D)
+        step += 1
+    print(f"{step * a.batch / (time.time() - t0 - paused):.0f} img/s")
+    judge(step, time.time() - t0 - paused)
+
+
+if __name__ == "__main__":
+    main()
