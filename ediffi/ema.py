@@ -74,5 +74,7 @@ class EMA:
 def _like(current: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` placed like `current`: same device, and the same shards when `current` is a DTensor."""
     if isinstance(current, DTensor):
-        return distribute_tensor(full.to(current.device), current.device_mesh, current.placements)
+        # Every rank holds the same full tensor (each read the checkpoint): keep the local shard,
+        # no scatter from rank 0 (one collective fewer per tensor at every resume).
+        return distribute_tensor(full.to(current.device), current.device_mesh, current.placements, src_data_rank=None)
     return full.to(current.device).clone()
