@@ -15,35 +15,26 @@ from ediffi.unet import UNet, UNetConfig
 TINY_COND = CondSpec(t5_len=128, t5_dim=32, clip_len=77, clip_dim=32, clip_embed_dim=32)
 PAPER_COND = CondSpec(t5_len=128, t5_dim=4096, clip_len=77, clip_dim=768, clip_embed_dim=768)
 
+# Unit tests: well under 5M parameters, 16x16.
+_TINY = UNetConfig(
+    img_resolution=16,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_blocks=1,
+    attn_resolutions=(8,),
+    head_dim=32,
+    ctx_dim=64,
+    cond=TINY_COND,
+)
+
 # eDiff-I's exact widths were not published; the paper-scale presets follow its cascade
 # (64 -> 256 -> 1024) with ADM/Imagen-like widths, attention only where it is affordable.
 PRESETS: dict[str, UNetConfig] = {
-    # Unit tests: well under 5M parameters, 16x16.
-    "tiny": UNetConfig(
-        img_resolution=16,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_blocks=1,
-        attn_resolutions=(8,),
-        head_dim=32,
-        ctx_dim=64,
-        cond=TINY_COND,
-    ),
+    "tiny": _TINY,
     # The end-to-end demo's default: 32px folded into 2x2 patches, so it costs about what "tiny"
     # costs at 16px; learned queries pool the text into the embedding vector (random-init tiny
     # encoders spread a word over several tokens, which plain cross-attention learns slowly).
-    "tiny32": UNetConfig(
-        img_resolution=32,
-        patch_size=2,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_blocks=1,
-        attn_resolutions=(8,),
-        head_dim=32,
-        ctx_dim=64,
-        pool_heads=4,
-        cond=TINY_COND,
-    ),
+    "tiny32": replace(_TINY, img_resolution=32, patch_size=2, pool_heads=4),
     # A wider 32x32 network (no patches).
     # Attention at 8x8 only: at 32x32, 16x16 attention cost ~40% of a CPU training step.
     "demo": UNetConfig(

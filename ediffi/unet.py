@@ -4,7 +4,8 @@ Residual blocks with group norm and an adaptive scale/shift from the embedding v
 cross-attention at chosen resolutions. The embedding vector is the noise-level embedding plus the
 projected pooled CLIP text embedding and CLIP image embedding (optionally an attention-pooled summary
 of the whole conditioning sequence; for super-resolution, the augmentation level). Optionally the
-input is folded into patches (pixel unshuffle) so that a 32px network runs its levels from 16px. Cross-attention reads [null; T5 tokens; CLIP text tokens; CLIP image token],
+input is folded into patches (pixel unshuffle), so a 32px network runs its levels from 16px.
+Cross-attention reads [null; T5 tokens; CLIP text tokens; CLIP image token],
 each projected to `ctx_dim`, with a key-padding mask; the always-present learned null token keeps
 the softmax defined when every embedding is dropped.
 """
@@ -35,9 +36,7 @@ class UNetConfig:
     ctx_dim: int = 512  # width of the projected cross-attention sequence
     dropout: float = 0.0  # dropout inside residual blocks
     sr: bool = False  # super-resolution: also conditioned on cond.lowres and cond.aug_sigma
-    patch_size: int = (
-        1  # pixels per side folded into channels at the input (1 = none); levels start at img_resolution / patch_size
-    )
+    patch_size: int = 1  # pixels per side folded into channels at the input (1 = none)
     pool_heads: int = 0  # > 0: learned queries attention-pool the conditioning sequence into the embedding vector
     cond: CondSpec = field(default_factory=CondSpec)  # shapes of the conditioning embeddings
 

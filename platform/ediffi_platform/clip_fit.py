@@ -53,10 +53,11 @@ def read_pairs(cfg: ClipFitConfig, resolution: int) -> tuple[torch.Tensor, list[
     fs, _ = filesystem(cfg.input.path, cfg.storage)
     afs = arrow_filesystem(fs)
     images, captions, skipped = [], [], {}
+    filt = ImageFilter(resolution=resolution)
     for shard in list_shards(cfg.input.path, cfg.storage):
         table = pq.read_table(shard, filesystem=afs, columns=[cfg.input.image_column, cfg.input.caption_column])
         for data, text in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
-            img, why = decode_image(data, ImageFilter(resolution=resolution))
+            img, why = decode_image(data, filt)
             why = why or (None if isinstance(text, str) and text.strip() else "missing_caption")
             if why:
                 skipped[why] = skipped.get(why, 0) + 1

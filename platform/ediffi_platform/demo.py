@@ -41,9 +41,7 @@ class DemoConfig:
     base_steps: int = 800  # base model steps (2 workers)
     expert_steps: int = 150  # steps per expert (two experts, concurrently)
     lr: float = 4e-3  # peak learning rate
-    P_mean: float = (
-        -0.4
-    )  # training noise centre, ln(sigma); above EDM's -1.2: layout and color are decided at high noise
+    P_mean: float = -0.4  # training noise centre ln(sigma), above EDM's -1.2: layout and color form at high noise
     clip_steps: int = 500  # contrastive steps fitting the tiny CLIP to the training pairs first (0 = keep it random)
     eval_prompts: int = 100  # held-out captions generated and judged per model
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=18, guidance=3.0))

@@ -25,7 +25,7 @@ from ediffi.ensemble import write_manifest as _write_manifest
 from ediffi_platform.config import JobFailed, from_dict, to_dict
 from ediffi_platform.storage import filesystem, join, read_json, write_json
 from ediffi_platform.tracking import Tracker, check_reachable, flatten, resolve
-from ediffi_platform.train import TrainConfig, latest_checkpoint, run_training, validate_training
+from ediffi_platform.train import TrainConfig, latest_checkpoint, output_root, run_training, validate_training
 
 MANIFEST = "manifest.json"
 STATE = "ensemble.json"  # the job's own state: MLflow parent run, experts finished
@@ -133,7 +133,7 @@ def _fit(train: dict) -> dict:
 def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
     """Fine-tune every expert of the plan (concurrently per level), then write the manifest."""
     storage = cfg.train.storage
-    output = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
+    output = output_root(cfg.output)
     base = resolve_checkpoint(cfg.base, storage)
     tracking = resolve(cfg.train.tracking)
     reason = check_reachable(tracking)
@@ -238,8 +238,8 @@ def resolve_checkpoint(path: str, storage=None) -> str:
     storage = storage or StorageConfig()
     fs, p = filesystem(path, storage)
     if fs.exists(join(p, "config.json")):
-        return path if "://" in path else os.path.abspath(path)
-    ckpt, _ = latest_checkpoint(path if "://" in path else os.path.abspath(path), storage)
+        return output_root(path)
+    ckpt, _ = latest_checkpoint(output_root(path), storage)
     if ckpt is None:
         raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a training run with checkpoints")
     return ckpt

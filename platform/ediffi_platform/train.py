@@ -397,10 +397,14 @@ def data_encoders(data: str, storage: StorageConfig) -> dict | None:
     return read_json(fs, join(root, MANIFEST)).get("encoders")
 
 
+def output_root(output: str) -> str:
+    """A storage root as workers must see it: URLs as given, local folders made absolute."""
+    return output if "://" in output else os.path.abspath(output)
+
+
 def fail_marker(cfg: TrainConfig) -> str:
     """Testing only: the file whose presence means this run's injected failure already happened."""
-    output = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
-    key = hashlib.sha1(join(output, cfg.name).encode()).hexdigest()[:16]
+    key = hashlib.sha1(join(output_root(cfg.output), cfg.name).encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"ediffi-fail-{key}")  # once per run, also across reruns
 
 
@@ -415,7 +419,7 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     if reason:
         warnings.warn(f"MLflow at {tracking.uri} is unreachable ({reason}); training continues untracked", stacklevel=2)
         tracking = replace(tracking, enabled=False)
-    output = cfg.output if "://" in cfg.output else os.path.abspath(cfg.output)
+    output = output_root(cfg.output)
     cfg = replace(cfg, tracking=tracking, output=output)
     if cfg.init_from:
         _checkpoint_at(cfg.init_from, cfg.storage)  # fails now, naming the path, if it is not a checkpoint
