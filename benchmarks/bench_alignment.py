@@ -14,7 +14,9 @@ in the budget when the text features are perfect, which separates "the network i
 from __future__ import annotations
 
 import argparse
+import ast
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from ediffi.conditioning import Cond, DropoutConfig
 from ediffi.edm import NoiseDistribution
 from ediffi.ema import EMA
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
-from ediffi.pipeline import SamplerConfig, sample, to_uint8
+from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
 from ediffi.presets import build_denoiser, get_preset
 from ediffi.training import train_step
 from ediffi_platform.ingest import ImageFilter, decode_image
@@ -55,10 +57,15 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--clip", default=None, help="fitted CLIP weights (ediffi_platform.clip_fit); default random")
     p.add_argument("--oracle", action="store_true")
+    p.add_argument(
+        "--grid", default=None, help="write the last judged samples here as a PNG grid (with their captions' order)"
+    )
+    p.add_argument("--save", default=None, help="write the final EMA weights here (safetensors)")
+    p.add_argument("--set", action="append", default=[], help="override a preset field, e.g. channel_mult=(1,2,2)")
     a = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cfg = get_preset(a.preset)
+    cfg = replace(get_preset(a.preset), **{k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)})
     R = cfg.img_resolution
     enc = ConditioningEncoder(EncoderConfig(clip_pretrained=a.clip)).eval()
     rows = [r for s in range(4) for r in make_shard(SyntheticConfig(rows=4000, shards=4), s).to_pylist()]
@@ -93,13 +100,17 @@ def main() -> None:
                     to_uint8(sample(Dm.eval(), c, (3, R, R), seeds, SamplerConfig(steps=18, guidance=a.guidance)))
                 )
         acc = alignment([o.numpy() for o in out], [{k: r[k] for k in LABELS} for r in held])
+        if a.grid:
+            from PIL import Image
+
+            Image.fromarray(grid(torch.stack(out[:40]), cols=8).numpy()).resize((8 * 4 * R, 5 * 4 * R)).save(a.grid)
         print(f"{t:5.0f} s  step {step:5d}  " + "  ".join(f"{k} {100 * v:3.0f}%" for k, v in acc.items()), flush=True)
 
     evals = [float(v) for v in a.evals.split(",") if v]
     g, step, t0, paused = torch.Generator().manual_seed(0), 0, time.time(), 0.0
     print(
         f"preset {a.preset} ({R}px), batch {a.batch}, lr {a.lr}, P_mean {a.P_mean}, clip {a.clip or 'random'}, "
-        f"oracle {a.oracle}; judged on {len(held)} held-out captions, heun 18, guidance {a.guidance}"
+        f"oracle {a.oracle}, overrides {a.set}, {sum(p.numel() for p in D.parameters()):,} parameters; judged on {len(held)} held-out captions, heun 18, guidance {a.guidance}"
     )
     while (elapsed := time.time() - t0 - paused) < a.seconds:
         if evals and elapsed >= evals[0]:
@@ -115,6 +126,10 @@ def main() -> None:
         step += 1
     print(f"{step * a.batch / (time.time() - t0 - paused):.0f} img/s")
     judge(step, time.time() - t0 - paused)
+    if a.save:
+        from safetensors.torch import save_file
+
+        save_file(ema.state_dict(), a.save)
 
 
 if __name__ == "__main__":

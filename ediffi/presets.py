@@ -31,10 +31,11 @@ _TINY = UNetConfig(
 # (64 -> 256 -> 1024) with ADM/Imagen-like widths, attention only where it is affordable.
 PRESETS: dict[str, UNetConfig] = {
     "tiny": _TINY,
-    # The end-to-end demo's default: 32px folded into 2x2 patches, so it costs about what "tiny"
-    # costs at 16px; learned queries pool the text into the embedding vector (random-init tiny
-    # encoders spread a word over several tokens, which plain cross-attention learns slowly).
-    "tiny32": replace(_TINY, img_resolution=32, patch_size=2, pool_heads=4),
+    # The end-to-end demo's default: 32px folded into 4x4 patches, levels at 8 and 4 px with
+    # attention at both (the output conv still sees every input pixel); learned queries pool the
+    # text into the embedding vector (random-init tiny encoders spread a word over several tokens,
+    # which plain cross-attention learns slowly).
+    "tiny32": replace(_TINY, img_resolution=32, patch_size=4, attn_resolutions=(8, 4), pool_heads=4),
     # A wider 32x32 network (no patches).
     # Attention at 8x8 only: at 32x32, 16x16 attention cost ~40% of a CPU training step.
     "demo": UNetConfig(

@@ -279,7 +279,11 @@ class UNet(nn.Module):
                 self.dec_takes_skip.append(True)
                 c = C * mult
         self.norm_out = _norm(c)
-        self.conv_out = _zero(nn.Conv2d(c, cfg.in_channels * cfg.patch_size**2, 3, padding=1))
+        # With patches, the output conv also sees the folded input pixels: the per-pixel detail that
+        # conv_in compresses (patch_size^2 * 3 values into model_channels) stays reachable, so fine
+        # noise can still be removed at low noise levels.
+        c_skip_in = c_img_in if cfg.patch_size > 1 else 0
+        self.conv_out = _zero(nn.Conv2d(c + c_skip_in, cfg.in_channels * cfg.patch_size**2, 3, padding=1))
 
     @staticmethod
     def _stage(c_in: int, c_out: int, res: int, resample: str, cfg: UNetConfig) -> nn.ModuleList:
@@ -331,6 +335,7 @@ class UNet(nn.Module):
             x = torch.cat([x, lowres], dim=1)
         if self.cfg.patch_size > 1:
             x = F.pixel_unshuffle(x, self.cfg.patch_size)
+        x_in = x
         ctx, ctx_mask = self.context(cond)
         emb = self.embedding(c_noise, cond, ctx, ctx_mask)
         h = self.conv_in(x)
@@ -343,5 +348,7 @@ class UNet(nn.Module):
             if takes_skip:
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(stage, h, emb, ctx, ctx_mask)
-        out = self.conv_out(F.silu(self.norm_out(h)))
-        return F.pixel_shuffle(out, self.cfg.patch_size) if self.cfg.patch_size > 1 else out
+        if self.cfg.patch_size == 1:
+            return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(torch.cat([F.silu(self.norm_out(h)), x_in], dim=1))
+        return F.pixel_shuffle(out, self.cfg.patch_size)
