@@ -60,7 +60,9 @@ def main() -> None:
     p.add_argument(
         "--grid", default=None, help="write the last judged samples here as a PNG grid (with their captions' order)"
     )
-    p.add_argument("--save", default=None, help="write the final EMA weights here (safetensors)")
+    p.add_argument(
+        "--save", default=None, help="write the final model here as a checkpoint folder (for bench_paint_style)"
+    )
     p.add_argument("--set", action="append", default=[], help="override a preset field, e.g. channel_mult=(1,2,2)")
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -127,9 +129,11 @@ def main() -> None:
     print(f"{step * a.batch / (time.time() - t0 - paused):.0f} img/s")
     judge(step, time.time() - t0 - paused)
     if a.save:
-        from safetensors.torch import save_file
+        from ediffi.checkpoint import save_checkpoint
+        from ediffi_platform.config import to_dict
 
-        save_file(ema.state_dict(), a.save)
+        ema_net = {k.removeprefix("net."): v for k, v in ema.state_dict().items()}
+        save_checkpoint(a.save, cfg, D, ema=ema_net, metadata={"encoders": to_dict(enc.cfg)})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ class UNetConfig:
     sr: bool = False  # super-resolution: also conditioned on cond.lowres and cond.aug_sigma
     patch_size: int = 1  # pixels per side folded into channels at the input (1 = none)
     pool_heads: int = 0  # > 0: learned queries attention-pool the conditioning sequence into the embedding vector
+    pooled_text: bool = (
+        True  # add the pooled CLIP text embedding to the embedding vector (False: text only through cross-attention)
+    )
     cond: CondSpec = field(default_factory=CondSpec)  # shapes of the conditioning embeddings
 
     def __post_init__(self) -> None:
@@ -231,7 +234,7 @@ class UNet(nn.Module):
         # Embedding vector: noise level + pooled CLIP text + CLIP image (+ SR augmentation level).
         self.noise_fourier = FourierEmbedding(C)
         self.noise_mlp = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
-        self.pooled_proj = nn.Linear(spec.clip_embed_dim, E)
+        self.pooled_proj = nn.Linear(spec.clip_embed_dim, E) if cfg.pooled_text else None
         self.image_proj = nn.Linear(spec.clip_embed_dim, E)
         if cfg.sr:
             self.aug_fourier = FourierEmbedding(C, seed=1)
@@ -313,7 +316,9 @@ class UNet(nn.Module):
     ) -> torch.Tensor:
         """The per-sample embedding vector fed to every residual block (ctx: `context(cond)`, if known)."""
         emb = self.noise_mlp(self.noise_fourier(c_noise))
-        emb = emb + self.pooled_proj(cond.clip_pooled) + self.image_proj(cond.clip_image)
+        emb = emb + self.image_proj(cond.clip_image)
+        if self.cfg.pooled_text:
+            emb = emb + self.pooled_proj(cond.clip_pooled)
         if self.pool is not None:
             emb = emb + self.pool(*((ctx, ctx_mask) if ctx is not None else self.context(cond)))
         if self.cfg.sr:

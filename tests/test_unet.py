@@ -149,3 +149,15 @@ def test_pool_heads_summarise_present_tokens_into_the_embedding():
     torch.testing.assert_close(net.embedding(c_noise, cond), torch.nn.functional.silu(plain + net.pool.proj(mean)))
     with pytest.raises(ValueError, match="pool_heads"):
         get_preset("tiny", pool_heads=3)
+
+
+def test_pooled_text_off_leaves_text_to_cross_attention():
+    cfg = get_preset("tiny", pooled_text=False)
+    D = randomize(build_denoiser(cfg), seed=5).eval()
+    x, s, cond = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0]), random_cond(cfg.cond, 2)
+    out = D(x, s, cond)
+    assert torch.equal(D(x, s, replace(cond, clip_pooled=cond.clip_pooled + 5.0)), out)  # not read
+    assert not torch.equal(D(x, s, replace(cond, clip=torch.randn_like(cond.clip))), out)  # the tokens still are
+    assert "pooled_proj.weight" not in D.net.state_dict()
+    on = randomize(build_denoiser(get_preset("tiny")), seed=5).eval()
+    assert not torch.equal(on(x, s, replace(cond, clip_pooled=cond.clip_pooled + 5.0)), on(x, s, cond))
