@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ast
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -57,17 +56,13 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--clip", default=None, help="fitted CLIP weights (ediffi_platform.clip_fit); default random")
     p.add_argument("--oracle", action="store_true")
-    p.add_argument(
-        "--grid", default=None, help="write the last judged samples here as a PNG grid (with their captions' order)"
-    )
-    p.add_argument(
-        "--save", default=None, help="write the final model here as a checkpoint folder (for bench_paint_style)"
-    )
+    p.add_argument("--grid", default=None, help="write the first 40 judged samples here as a PNG grid")
+    p.add_argument("--save", default=None, help="write the final EMA model here as a checkpoint folder")
     p.add_argument("--set", action="append", default=[], help="override a preset field, e.g. channel_mult=(1,2,2)")
     a = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cfg = replace(get_preset(a.preset), **{k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)})
+    cfg = get_preset(a.preset, **{k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)})
     R = cfg.img_resolution
     enc = ConditioningEncoder(EncoderConfig(clip_pretrained=a.clip)).eval()
     rows = [r for s in range(4) for r in make_shard(SyntheticConfig(rows=4000, shards=4), s).to_pylist()]
@@ -88,19 +83,20 @@ def main() -> None:
     ema = EMA(D, 0.99)
     noise, drop = NoiseDistribution(a.P_mean, 1.2), DropoutConfig(0.1, 0.1, 0.5)
 
-    def judge(step: int, t: float) -> None:
+    def ema_model():
         Dm = build_denoiser(cfg)
         Dm.load_state_dict(ema.state_dict())
-        out = []
+        return Dm.eval()
+
+    def judge(step: int, t: float) -> None:
+        Dm, out = ema_model(), []
         for i in range(0, len(held), 50):
             c, _ = enc.encode([r["caption"] for r in held[i : i + 50]])
             if a.oracle:
                 c.clip_pooled = onehot(held[i : i + 50], c.clip_pooled.shape[1])
             with torch.no_grad():
                 seeds = list(range(i, i + len(c)))
-                out += list(
-                    to_uint8(sample(Dm.eval(), c, (3, R, R), seeds, SamplerConfig(steps=18, guidance=a.guidance)))
-                )
+                out += list(to_uint8(sample(Dm, c, (3, R, R), seeds, SamplerConfig(steps=18, guidance=a.guidance))))
         acc = alignment([o.numpy() for o in out], [{k: r[k] for k in LABELS} for r in held])
         if a.grid:
             from PIL import Image
@@ -112,7 +108,8 @@ def main() -> None:
     g, step, t0, paused = torch.Generator().manual_seed(0), 0, time.time(), 0.0
     print(
         f"preset {a.preset} ({R}px), batch {a.batch}, lr {a.lr}, P_mean {a.P_mean}, clip {a.clip or 'random'}, "
-        f"oracle {a.oracle}, overrides {a.set}, {sum(p.numel() for p in D.parameters()):,} parameters; judged on {len(held)} held-out captions, heun 18, guidance {a.guidance}"
+        f"oracle {a.oracle}, overrides {a.set}, {sum(p.numel() for p in D.parameters()):,} parameters; "
+        f"judged on {len(held)} held-out captions, heun 18, guidance {a.guidance}"
     )
     while (elapsed := time.time() - t0 - paused) < a.seconds:
         if evals and elapsed >= evals[0]:
@@ -132,8 +129,7 @@ def main() -> None:
         from ediffi.checkpoint import save_checkpoint
         from ediffi_platform.config import to_dict
 
-        ema_net = {k.removeprefix("net."): v for k, v in ema.state_dict().items()}
-        save_checkpoint(a.save, cfg, D, ema=ema_net, metadata={"encoders": to_dict(enc.cfg)})
+        save_checkpoint(a.save, cfg, D, ema=ema_model(), metadata={"encoders": to_dict(enc.cfg)})
 
 
 if __name__ == "__main__":

@@ -61,17 +61,7 @@ PRESETS: dict[str, UNetConfig] = {
         cond=TINY_COND,
     ),
     # Unit tests: a super-resolution stage 16 -> 32.
-    "tiny_sr": UNetConfig(
-        img_resolution=32,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_blocks=1,
-        attn_resolutions=(16,),
-        head_dim=32,
-        ctx_dim=64,
-        sr=True,
-        cond=TINY_COND,
-    ),
+    "tiny_sr": replace(_TINY, img_resolution=32, attn_resolutions=(16,), sr=True),
     # Paper-scale base model at 64x64.
     "base64": UNetConfig(
         img_resolution=64,

@@ -4,7 +4,9 @@ Residual blocks with group norm and an adaptive scale/shift from the embedding v
 cross-attention at chosen resolutions. The embedding vector is the noise-level embedding plus the
 projected pooled CLIP text embedding and CLIP image embedding (optionally an attention-pooled summary
 of the whole conditioning sequence; for super-resolution, the augmentation level). Optionally the
-input is folded into patches (pixel unshuffle), so a 32px network runs its levels from 16px.
+input is folded into patches (pixel unshuffle), so the levels start at img_resolution / patch_size
+(the output conv then also sees the folded input pixels), and the pooled CLIP text can be left out
+of the embedding vector (`pooled_text=False`: text only through cross-attention).
 Cross-attention reads [null; T5 tokens; CLIP text tokens; CLIP image token],
 each projected to `ctx_dim`, with a key-padding mask; the always-present learned null token keeps
 the softmax defined when every embedding is dropped.
@@ -38,9 +40,7 @@ class UNetConfig:
     sr: bool = False  # super-resolution: also conditioned on cond.lowres and cond.aug_sigma
     patch_size: int = 1  # pixels per side folded into channels at the input (1 = none)
     pool_heads: int = 0  # > 0: learned queries attention-pool the conditioning sequence into the embedding vector
-    pooled_text: bool = (
-        True  # add the pooled CLIP text embedding to the embedding vector (False: text only through cross-attention)
-    )
+    pooled_text: bool = True  # pooled CLIP text in the embedding vector (False: text via cross-attention only)
     cond: CondSpec = field(default_factory=CondSpec)  # shapes of the conditioning embeddings
 
     def __post_init__(self) -> None:
@@ -340,7 +340,6 @@ class UNet(nn.Module):
             x = torch.cat([x, lowres], dim=1)
         if self.cfg.patch_size > 1:
             x = F.pixel_unshuffle(x, self.cfg.patch_size)
-        x_in = x
         ctx, ctx_mask = self.context(cond)
         emb = self.embedding(c_noise, cond, ctx, ctx_mask)
         h = self.conv_in(x)
@@ -355,5 +354,5 @@ class UNet(nn.Module):
             h = self._run(stage, h, emb, ctx, ctx_mask)
         if self.cfg.patch_size == 1:
             return self.conv_out(F.silu(self.norm_out(h)))
-        out = self.conv_out(torch.cat([F.silu(self.norm_out(h)), x_in], dim=1))
+        out = self.conv_out(torch.cat([F.silu(self.norm_out(h)), x], dim=1))
         return F.pixel_shuffle(out, self.cfg.patch_size)
