@@ -2,11 +2,15 @@
 
 Residual blocks with group norm and an adaptive scale/shift from the embedding vector; self- and
 cross-attention at chosen resolutions. The embedding vector is the noise-level embedding plus the
-projected pooled CLIP text embedding and CLIP image embedding (optionally an attention-pooled summary
-of the whole conditioning sequence; for super-resolution, the augmentation level). Optionally the
-input is folded into patches (pixel unshuffle), so the levels start at img_resolution / patch_size
-(the output conv then also sees the folded input pixels), and the pooled CLIP text can be left out
-of the embedding vector (`pooled_text=False`: text only through cross-attention).
+projected pooled CLIP text embedding and CLIP image embedding (optionally the mean of the T5 tokens,
+standardized per feature by running statistics of the training prompts, as Imagen adds pooled T5
+text; optionally an attention-pooled summary of the whole conditioning sequence; for
+super-resolution, the augmentation level). Optionally the input is folded into patches (pixel
+unshuffle), so the levels start at img_resolution / patch_size; the output conv then also sees the
+folded input pixels, scaled per channel by a gain from the embedding vector, so how much of each
+pixel passes through can follow the noise level (a fixed weight could denoise at one noise level
+only). The pooled CLIP text can be left out of the embedding vector (`pooled_text=False`: text only
+through cross-attention).
 Cross-attention reads [null; T5 tokens; CLIP text tokens; CLIP image token],
 each projected to `ctx_dim`, with a key-padding mask; the always-present learned null token keeps
 the softmax defined when every embedding is dropped.
@@ -41,6 +45,9 @@ class UNetConfig:
     patch_size: int = 1  # pixels per side folded into channels at the input (1 = none)
     pool_heads: int = 0  # > 0: learned queries attention-pool the conditioning sequence into the embedding vector
     pooled_text: bool = True  # pooled CLIP text in the embedding vector (False: text via cross-attention only)
+    pooled_t5: bool = (
+        False  # also the mean of the T5 tokens (standardized by running statistics) in the embedding vector
+    )
     cond: CondSpec = field(default_factory=CondSpec)  # shapes of the conditioning embeddings
 
     def __post_init__(self) -> None:
@@ -236,6 +243,11 @@ class UNet(nn.Module):
         self.noise_mlp = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
         self.pooled_proj = nn.Linear(spec.clip_embed_dim, E) if cfg.pooled_text else None
         self.image_proj = nn.Linear(spec.clip_embed_dim, E)
+        if cfg.pooled_t5:
+            self.t5_pooled_proj = nn.Linear(spec.t5_dim, E)
+            self.register_buffer("t5_mean", torch.zeros(spec.t5_dim))
+            self.register_buffer("t5_var", torch.ones(spec.t5_dim))
+            self.register_buffer("t5_updates", torch.zeros((), dtype=torch.long))
         if cfg.sr:
             self.aug_fourier = FourierEmbedding(C, seed=1)
             self.aug_mlp = nn.Sequential(nn.Linear(C, E), nn.SiLU(), nn.Linear(E, E))
@@ -284,8 +296,10 @@ class UNet(nn.Module):
         self.norm_out = _norm(c)
         # With patches, the output conv also sees the folded input pixels: the per-pixel detail that
         # conv_in compresses (patch_size^2 * 3 values into model_channels) stays reachable, so fine
-        # noise can still be removed at low noise levels.
+        # noise can still be removed at low noise levels. Their per-channel gain comes from the
+        # embedding vector: removing noise of level sigma takes a weight that depends on sigma.
         c_skip_in = c_img_in if cfg.patch_size > 1 else 0
+        self.skip_gain = _zero(nn.Linear(E, c_skip_in)) if c_skip_in else None
         self.conv_out = _zero(nn.Conv2d(c + c_skip_in, cfg.in_channels * cfg.patch_size**2, 3, padding=1))
 
     @staticmethod
@@ -319,11 +333,32 @@ class UNet(nn.Module):
         emb = emb + self.image_proj(cond.clip_image)
         if self.cfg.pooled_text:
             emb = emb + self.pooled_proj(cond.clip_pooled)
+        if self.cfg.pooled_t5:
+            emb = emb + self.t5_pooled_proj(self._pooled_t5(cond))
         if self.pool is not None:
             emb = emb + self.pool(*((ctx, ctx_mask) if ctx is not None else self.context(cond)))
         if self.cfg.sr:
             emb = emb + self.aug_mlp(self.aug_fourier(cond.aug_sigma))
         return F.silu(emb)
+
+    def _pooled_t5(self, cond: Cond) -> torch.Tensor:
+        """The mean of each prompt's T5 tokens, standardized per feature by running statistics of the
+        training prompts (updated in training mode); zero where the T5 embedding is absent or dropped."""
+        m = cond.t5_mask[..., None].to(cond.t5.dtype)
+        n = m.sum(1)
+        present = (n > 0).to(cond.t5.dtype)
+        mean = (cond.t5 * m).sum(1) / n.clamp(min=1)
+        if self.training:
+            with torch.no_grad():
+                k = present.sum().clamp(min=1)
+                mu = (mean * present).sum(0) / k
+                var = ((mean - mu).square() * present).sum(0) / k
+                # the exact average over the first updates, then an exponential one
+                rate = torch.where(present.sum() > 1, 1 / (self.t5_updates + 1).clamp(max=100), 0).to(mu.dtype)
+                self.t5_mean.lerp_(mu.float(), rate)
+                self.t5_var.lerp_(var.float(), rate)
+                self.t5_updates += (present.sum() > 1).long()
+        return (mean - self.t5_mean) * torch.rsqrt(self.t5_var + 1e-6) * present
 
     @staticmethod
     def _run(stage: nn.ModuleList, h, emb, ctx, ctx_mask) -> torch.Tensor:
@@ -354,5 +389,6 @@ class UNet(nn.Module):
             h = self._run(stage, h, emb, ctx, ctx_mask)
         if self.cfg.patch_size == 1:
             return self.conv_out(F.silu(self.norm_out(h)))
+        x = x * (1 + self.skip_gain(emb))[:, :, None, None]
         out = self.conv_out(torch.cat([F.silu(self.norm_out(h)), x], dim=1))
         return F.pixel_shuffle(out, self.cfg.patch_size)

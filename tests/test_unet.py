@@ -161,3 +161,62 @@ def test_pooled_text_off_leaves_text_to_cross_attention():
     assert "pooled_proj.weight" not in D.net.state_dict()
     on = randomize(build_denoiser(get_preset("tiny")), seed=5).eval()
     assert not torch.equal(on(x, s, replace(cond, clip_pooled=cond.clip_pooled + 5.0)), on(x, s, cond))
+
+
+def test_pooled_t5_is_the_standardized_mean_of_present_tokens():
+    cfg = get_preset("tiny", pooled_t5=True)
+    net = randomize(build_denoiser(cfg), seed=6).net
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(cfg.cond.t5_dim, generator=g) * 3  # what every prompt shares dwarfs what tells them apart
+
+    def batch(n: int):
+        cond = random_cond(cfg.cond, n, seed=int(torch.randint(1000, (1,), generator=g)))
+        cond.t5 = (common + 0.1 * cond.t5) * cond.t5_mask[..., None]
+        cond.t5_mask[0] = False  # a dropped T5 embedding: no tokens, not counted in the statistics
+        cond.t5[0] = 0.0
+        return cond
+
+    def token_mean(cond):
+        m = cond.t5_mask[..., None].float()
+        return ((cond.t5 * m).sum(1) / m.sum(1).clamp(min=1))[1:]
+
+    net.train()
+    means = []
+    for _ in range(30):
+        cond = batch(16)
+        net.embedding(torch.zeros(16), cond)
+        means.append(token_mean(cond))
+    assert int(net.t5_updates) == 30
+    # The first updates are an exact average of the batches' statistics (present rows only).
+    torch.testing.assert_close(net.t5_mean, torch.stack([m.mean(0) for m in means]).mean(0))
+    torch.testing.assert_close(net.t5_var, torch.stack([m.var(0, unbiased=False) for m in means]).mean(0))
+    net.eval()
+    cond = batch(64)
+    z = net._pooled_t5(cond)
+    assert torch.equal(z[0], torch.zeros_like(z[0]))  # absent -> zero
+    torch.testing.assert_close(z[1:], (token_mean(cond) - net.t5_mean) / (net.t5_var + 1e-6).sqrt())
+    assert 0.5 < z[1:].std() < 2 and z[1:].mean().abs() < 0.5  # the common part is gone, the rest at unit scale
+    padded = cond.t5.masked_fill(~cond.t5_mask[..., None], 100.0)  # padding is never read
+    torch.testing.assert_close(net._pooled_t5(replace(cond, t5=padded)), z)
+    before = net.t5_mean.clone()
+    net.embedding(torch.zeros(64), cond)
+    assert torch.equal(net.t5_mean, before)  # eval mode does not update the statistics
+    D = build_denoiser(cfg).eval()
+    D.net.load_state_dict(net.state_dict())  # the statistics travel with the weights
+    x, s, c2 = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0]), batch(2)
+    c2.t5_mask[0] = True
+    assert not torch.equal(D(x, s, c2), D(x, s, replace(c2, t5=c2.t5 + c2.t5_mask[..., None] * 0.5)))
+
+
+def test_patch_input_path_gain_follows_the_noise_level():
+    assert build_denoiser(get_preset("tiny")).net.skip_gain is None  # no patches: no folded input path
+    net = randomize(build_denoiser(get_preset("tiny", img_resolution=32, patch_size=2)), seed=7).net.eval()
+    C = net.cfg.model_channels
+    with torch.no_grad():
+        net.conv_out.weight[:, :C] = 0  # only the folded input reaches the output
+    x, cond = torch.randn(1, 3, 32, 32), random_cond(net.cfg.cond, 1)
+    at = lambda noise: net(x, torch.tensor([noise]), cond)
+    assert (at(-2.0) - at(1.0)).abs().max() > 1e-3  # the same input pixels, weighted by the noise level
+    torch.nn.init.zeros_(net.skip_gain.weight)
+    torch.nn.init.zeros_(net.skip_gain.bias)
+    torch.testing.assert_close(at(-2.0), at(1.0))
