@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--evals", default="300", help="comma-separated training times (s) to judge at, besides the end")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--P-mean", type=float, default=-0.4)
+    p.add_argument("--P-mean", type=float, default=0.0, help="training noise centre ln(sigma) (the demo's)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--clip", default=None, help="fitted CLIP weights (ediffi_platform.clip_fit); default random")
     p.add_argument("--oracle", action="store_true")

@@ -354,7 +354,7 @@ class UNet(nn.Module):
                 mu = (mean * present).sum(0) / k
                 var = ((mean - mu).square() * present).sum(0) / k
                 # the exact average over the first updates, then an exponential one
-                rate = torch.where(present.sum() > 1, 1 / (self.t5_updates + 1).clamp(max=100), 0).to(mu.dtype)
+                rate = torch.where(present.sum() > 1, 1 / (self.t5_updates + 1).clamp(max=100), 0).float()
                 self.t5_mean.lerp_(mu.float(), rate)
                 self.t5_var.lerp_(var.float(), rate)
                 self.t5_updates += (present.sum() > 1).long()

@@ -32,7 +32,7 @@ from ediffi_platform.train import OptimConfig, TrainConfig, run_training
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's sizes (defaults: about 14 minutes on 2 CPU cores, inside the 15-minute goal; see the README)."""
+    """The demo's sizes (defaults: 10-14 minutes on 2 CPU cores, inside the 15-minute goal; see the README)."""
 
     workdir: str = "demo"  # everything goes here: data, runs, outputs, mlflow.db, report.html
     rows: int = 4000  # synthetic training rows
@@ -41,7 +41,7 @@ class DemoConfig:
     base_steps: int = 1200  # base model steps (2 workers)
     expert_steps: int = 250  # steps per expert (two experts, concurrently)
     lr: float = 4e-3  # peak learning rate
-    P_mean: float = -0.4  # training noise centre ln(sigma), above EDM's -1.2: layout and color form at high noise
+    P_mean: float = 0.0  # training noise centre ln(sigma), above EDM's -1.2: layout, color and shape form at high noise
     clip_steps: int = 500  # contrastive steps fitting the tiny CLIP to the training pairs first (0 = keep it random)
     eval_prompts: int = 100  # held-out captions generated and judged per model
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(steps=18, guidance=3.0))
