@@ -45,9 +45,7 @@ class UNetConfig:
     patch_size: int = 1  # pixels per side folded into channels at the input (1 = none)
     pool_heads: int = 0  # > 0: learned queries attention-pool the conditioning sequence into the embedding vector
     pooled_text: bool = True  # pooled CLIP text in the embedding vector (False: text via cross-attention only)
-    pooled_t5: bool = (
-        False  # also the mean of the T5 tokens (standardized by running statistics) in the embedding vector
-    )
+    pooled_t5: bool = False  # also the standardized mean of the T5 tokens in the embedding vector
     cond: CondSpec = field(default_factory=CondSpec)  # shapes of the conditioning embeddings
 
     def __post_init__(self) -> None:
