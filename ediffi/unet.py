@@ -348,14 +348,15 @@ class UNet(nn.Module):
         mean = (cond.t5 * m).sum(1) / n.clamp(min=1)
         if self.training:
             with torch.no_grad():
-                k = present.sum().clamp(min=1)
-                mu = (mean * present).sum(0) / k
-                var = ((mean - mu).square() * present).sum(0) / k
+                k = present.sum()
+                mu = (mean * present).sum(0) / k.clamp(min=1)
+                var = ((mean - mu).square() * present).sum(0) / k.clamp(min=1)
+                counts = (k > 1).long()  # one present row gives no variance: no update
                 # the exact average over the first updates, then an exponential one
-                rate = torch.where(present.sum() > 1, 1 / (self.t5_updates + 1).clamp(max=100), 0).float()
+                rate = (counts / (self.t5_updates + 1).clamp(max=100)).float()
                 self.t5_mean.lerp_(mu.float(), rate)
                 self.t5_var.lerp_(var.float(), rate)
-                self.t5_updates += (present.sum() > 1).long()
+                self.t5_updates += counts
         return (mean - self.t5_mean) * torch.rsqrt(self.t5_var + 1e-6) * present
 
     @staticmethod
