@@ -46,6 +46,7 @@ class UNetConfig:
     pool_heads: int = 0  # > 0: learned queries attention-pool the conditioning sequence into the embedding vector
     pooled_text: bool = True  # pooled CLIP text in the embedding vector (False: text via cross-attention only)
     pooled_t5: bool = False  # also the standardized mean of the T5 tokens in the embedding vector
+    head_channels: int = 0  # > 0 (patched networks): a full-resolution conv head of this width refines the output
     cond: CondSpec = field(default_factory=CondSpec)  # shapes of the conditioning embeddings
 
     def __post_init__(self) -> None:
@@ -70,6 +71,11 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.channel_mult must be positive ints, got {self.channel_mult}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.head_channels < 0 or (self.head_channels and self.patch_size == 1):
+            raise ValueError(
+                f"UNetConfig.head_channels must be >= 0 and needs patch_size > 1, got {self.head_channels} "
+                f"with patch_size={self.patch_size}"
+            )
         if self.pool_heads < 0 or (self.pool_heads and self.ctx_dim % self.pool_heads):
             raise ValueError(
                 f"UNetConfig.pool_heads must be >= 0 and divide ctx_dim={self.ctx_dim}, got {self.pool_heads}"
@@ -210,6 +216,25 @@ class AttnBlock(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class OutputHead(nn.Module):
+    """A light full-resolution head for patched networks: 3x3 convs over [the unfolded output; the
+    input pixels, after their noise-level gain], modulated by the embedding vector, add a per-pixel
+    correction (zero at init). The patch levels see each pixel only as one of patch_size^2 x 3
+    channels; the head works on pixel neighbourhoods, where edges are sharpened and leftover noise removed."""
+
+    def __init__(self, c_out: int, c_in: int, width: int, emb_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_out + c_in, width, 3, padding=1)
+        self.affine = nn.Linear(emb_dim, 2 * width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv3 = _zero(nn.Conv2d(width, c_out, 3, padding=1))
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(torch.addcmul(shift, self.conv1(torch.cat([y, x], dim=1)), scale + 1))
+        return self.conv3(F.silu(self.conv2(h)))
+
+
 class AttnPool(nn.Module):
     """Learned queries (one per head) attend over the conditioning sequence; the heads' outputs,
     projected, join the embedding vector. Zero queries start as the mean over present tokens."""
@@ -299,6 +324,11 @@ class UNet(nn.Module):
         c_skip_in = c_img_in if cfg.patch_size > 1 else 0
         self.skip_gain = _zero(nn.Linear(E, c_skip_in)) if c_skip_in else None
         self.conv_out = _zero(nn.Conv2d(c + c_skip_in, cfg.in_channels * cfg.patch_size**2, 3, padding=1))
+        self.head = (
+            OutputHead(cfg.in_channels, c_img_in // cfg.patch_size**2, cfg.head_channels, E)
+            if cfg.head_channels
+            else None
+        )
 
     @staticmethod
     def _stage(c_in: int, c_out: int, res: int, resample: str, cfg: UNetConfig) -> nn.ModuleList:
@@ -389,5 +419,7 @@ class UNet(nn.Module):
         if self.cfg.patch_size == 1:
             return self.conv_out(F.silu(self.norm_out(h)))
         x = x * (1 + self.skip_gain(emb))[:, :, None, None]
-        out = self.conv_out(torch.cat([F.silu(self.norm_out(h)), x], dim=1))
-        return F.pixel_shuffle(out, self.cfg.patch_size)
+        out = F.pixel_shuffle(self.conv_out(torch.cat([F.silu(self.norm_out(h)), x], dim=1)), self.cfg.patch_size)
+        if self.head is not None:
+            out = out + self.head(out, F.pixel_shuffle(x, self.cfg.patch_size), emb)
+        return out

@@ -13,7 +13,7 @@ from PIL import Image
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi_platform.ingest import ImageFilter, InputConfig
 from ediffi_platform.precompute import PrecomputeConfig, run_precompute
-from ediffi_platform.reader import iter_batches, iter_torch, ray_dataset, shard_files
+from ediffi_platform.reader import EpochCache, iter_batches, iter_torch, ray_dataset, shard_files
 from ediffi_platform.shards import to_tensors
 from ediffi_platform.synthetic import LABELS, SyntheticConfig, write_synthetic
 
@@ -117,6 +117,46 @@ def test_synthetic_and_bad_rows_to_embedding_shards(tmp_path):
     ds, meta = ray_dataset(str(tmp_path / "out"))
     batches = list(iter_torch(ds, meta, batch_size=50, shuffle_buffer=100, seed=0))
     assert sum(len(b[0]) for b in batches) == 121 and batches[0][1].t5.shape[1:] == (128, 32)
+    _check_epoch_cache(ds, meta)
+
+
+class _OnePass:
+    """A dataset that can be iterated once: a second Ray Data pass fails the test."""
+
+    def __init__(self, ds):
+        self.ds, self.passes = ds, 0
+
+    def iter_batches(self, **kw):
+        self.passes += 1
+        assert self.passes == 1, "the cached epoch re-read the dataset"
+        return self.ds.iter_batches(**kw)
+
+
+def _check_epoch_cache(ds, meta):
+    def key(batches):  # each row (image, T5 tokens, pooled CLIP) as one tuple, in order
+        return [
+            tuple(torch.cat([x[i].flatten(), c.t5[i].flatten(), c.clip_pooled[i]]).tolist())
+            for x, c in batches
+            for i in range(len(x))
+        ]
+
+    rows = lambda batches: sorted(key(batches))
+
+    streamed = list(iter_torch(ds, meta, batch_size=50))
+    one = _OnePass(ds)
+    cache = EpochCache(max_mb=64)
+    first = list(cache.batches(one, meta, batch_size=50, seed=0))
+    second = list(cache.batches(one, meta, batch_size=50, seed=1))
+    third = list(cache.batches(one, meta, batch_size=50, seed=1))
+    assert [len(b[0]) for b in second] == [len(b[0]) for b in first] == [50, 50, 21]
+    # Every row once per epoch, its image still with its embeddings; later epochs from memory.
+    assert rows(first) == rows(second) == rows(streamed)
+    assert key(second) != key(first) and key(second) == key(third)  # reshuffled, by the epoch's seed
+    # Too big for the budget, or another worker's shard too big: every epoch streams.
+    for cache in (EpochCache(max_mb=0.01), EpochCache(max_mb=64, agree=lambda fits: False)):
+        again = _OnePass(ds)
+        list(cache.batches(again, meta, batch_size=50))
+        assert cache.data is None
 
 
 def test_interrupted_run_resumes_to_exactly_one_copy_of_every_row(tmp_path):

@@ -220,3 +220,29 @@ def test_patch_input_path_gain_follows_the_noise_level():
     torch.nn.init.zeros_(net.skip_gain.weight)
     torch.nn.init.zeros_(net.skip_gain.bias)
     torch.testing.assert_close(at(-2.0), at(1.0))
+
+
+def test_output_head_refines_each_pixel_from_its_neighbourhood():
+    with pytest.raises(ValueError, match="head_channels"):
+        get_preset("tiny", head_channels=8)  # no patches: nothing to refine at full resolution
+    cfg = get_preset("tiny", img_resolution=32, patch_size=2, head_channels=8)
+    D = randomize(build_denoiser(cfg), seed=3)
+    x, cond, noise = torch.randn(2, 3, 32, 32), random_cond(cfg.cond, 2), torch.tensor([0.1, -1.0])
+    # Zero-initialised: a new network's output is that of the same network without the head.
+    fresh = build_denoiser(cfg).net.eval()
+    plain = build_denoiser(replace(cfg, head_channels=0)).net.eval()
+    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("head.")})
+    torch.testing.assert_close(fresh(x, noise, cond), plain(x, noise, cond))
+    # With the patch path silenced, one input pixel moves the output only within the head's
+    # receptive field (three 3x3 convs: 3 pixels each way): the head works on pixels, not patches.
+    net = D.net.eval()
+    with torch.no_grad():
+        torch.nn.init.zeros_(net.conv_out.weight)
+        torch.nn.init.zeros_(net.conv_out.bias)
+    x2 = x.clone()
+    x2[:, :, 10, 20] += 1.0
+    with torch.no_grad():
+        change = (net(x2, noise, cond) - net(x, noise, cond)).abs().amax(dim=(0, 1))
+    near = torch.zeros(32, 32, dtype=torch.bool)
+    near[7:14, 17:24] = True
+    assert change[near].max() > 1e-4 and change[~near].max() == 0

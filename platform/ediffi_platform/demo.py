@@ -38,8 +38,8 @@ class DemoConfig:
     rows: int = 4000  # synthetic training rows
     preset: str = "tiny32"  # network preset (its resolution sets the data's; the judge needs >= 32px for shapes)
     batch_size: int = 32  # per worker
-    base_steps: int = 1200  # base model steps (2 workers)
-    expert_steps: int = 250  # steps per expert (two experts, concurrently)
+    base_steps: int = 1600  # base model steps (2 workers)
+    expert_steps: int = 300  # steps per expert (two experts, concurrently)
     lr: float = 4e-3  # peak learning rate
     P_mean: float = 0.0  # training noise centre ln(sigma), above EDM's -1.2: layout, color and shape form at high noise
     clip_steps: int = 500  # contrastive steps fitting the tiny CLIP to the training pairs first (0 = keep it random)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,3 +100,52 @@ def iter_torch(
         local_shuffle_seed=seed,
     ):
         yield to_tensors(table, meta)
+
+
+class EpochCache:
+    """A worker's dataset shard, kept in memory after its first full pass when it fits in `max_mb`.
+
+    Later epochs then draw batches from a fresh permutation of those rows (a full shuffle of the
+    shard) instead of re-running the Ray Data pipeline, which costs seconds per epoch: on 2 CPU
+    cores, a 4,000-row dataset re-read every 62 steps took about a quarter of the training time.
+    A shard larger than `max_mb` is streamed every epoch, as without the cache (0 = always stream).
+    `agree(fits) -> bool` makes the workers decide together (Ray Data's split streams an epoch only
+    when every worker reads it, so either all cache or none do).
+    """
+
+    def __init__(self, max_mb: float, agree: Callable[[bool], bool] = lambda fits: fits):
+        self.max_bytes = max_mb * 2**20
+        self.agree = agree
+        self.data: tuple[torch.Tensor, Cond] | None = None
+
+    def batches(
+        self,
+        it: ray.data.DataIterator | ray.data.Dataset,
+        meta: ShardMeta,
+        batch_size: int,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, Cond]]:
+        """One epoch of (images, Cond) batches: from memory once cached, else streamed (and cached if it fits)."""
+        if self.data is not None:
+            images, cond = self.data
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                yield images[idx], cond[idx]
+            return
+        kept: list[tuple[torch.Tensor, Cond]] | None = [] if self.max_bytes > 0 else None
+        size = 0
+        for images, cond in iter_torch(it, meta, batch_size, shuffle_buffer, seed):
+            if kept is not None:
+                size += images.nbytes + sum(t.nbytes for t in cond.tensors().values())
+                kept = kept if size <= self.max_bytes else None
+                if kept is not None:
+                    kept.append((images, cond))
+            yield images, cond
+        if self.agree(bool(kept)):  # a complete pass that fits, on every worker
+            fields_ = kept[0][1].tensors()
+            self.data = (
+                torch.cat([b[0] for b in kept]),
+                Cond(**{k: torch.cat([b[1].tensors()[k] for b in kept]) for k in fields_}),
+            )

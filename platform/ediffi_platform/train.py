@@ -47,7 +47,7 @@ from ediffi.presets import PRESETS, build_denoiser, get_preset
 from ediffi.sr import SRConfig, augment, degrade
 from ediffi.training import train_step
 from ediffi_platform.config import from_dict, to_dict
-from ediffi_platform.reader import iter_torch, ray_dataset, shard_files
+from ediffi_platform.reader import EpochCache, ray_dataset, shard_files
 from ediffi_platform.shards import check_compatible
 from ediffi_platform.storage import StorageConfig, filesystem, join, read_json
 from ediffi_platform.tracking import Tracker, TrackingConfig, check_reachable, flatten, resolve
@@ -94,6 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (the last step is always saved)
     log_every: int = 10  # steps between metric logs
     shuffle_buffer: int = 256  # local shuffle buffer (rows)
+    cache_mb: float = 512  # a worker keeps its data shard in memory after the first epoch if it fits (0 = stream)
     seed: int = 0  # base seed (per-worker seeds derive from it)
     output: str = "runs"  # storage root for checkpoints (folder or s3://)
     name: str = "base"  # run name: checkpoints go to {output}/{name}/
@@ -128,6 +129,8 @@ class TrainConfig:
             raise ValueError(f"lowres is for super-resolution presets; {self.preset!r} is a base stage")
         if self.lowres and self.lowres >= PRESETS[self.preset].img_resolution:
             raise ValueError(f"lowres={self.lowres} must be below the preset's {PRESETS[self.preset].img_resolution}px")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
         if self.aug_sigma_max < 0:
             raise ValueError(f"aug_sigma_max must be >= 0, got {self.aug_sigma_max}")
 
@@ -218,6 +221,7 @@ def train_loop_per_worker(config: dict) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 7 + rank + 104729 * state["step"])
     meta = config["meta"]
     shard = ray.train.get_dataset_shard("train")
+    cache = EpochCache(cfg.cache_mb, agree=lambda fits: _all_workers(fits, device) if world > 1 else fits)
     fail_marker = Path(config["fail_marker"]) if config.get("fail_marker") else None
     pending: list[tuple[dict, int]] = []  # metrics waiting for the next checkpoint
     window: dict = {"loss": 0.0, "n": 0, "images": 0, "t": time.perf_counter(), "buckets": {}}
@@ -225,7 +229,7 @@ def train_loop_per_worker(config: dict) -> dict:
         skip = state["batches_into_epoch"]
         micro = []
         for i, (images, cond) in enumerate(
-            iter_torch(shard, meta, cfg.batch_size, cfg.shuffle_buffer, seed=cfg.seed + state["epoch"])
+            cache.batches(shard, meta, cfg.batch_size, cfg.shuffle_buffer, seed=cfg.seed + state["epoch"])
         ):
             if i < skip:
                 continue  # resume inside an epoch: skip what was already trained on
@@ -302,6 +306,13 @@ def train_loop_per_worker(config: dict) -> dict:
     if tracker:
         tracker.finish()
     return {"step": state["step"], "mlflow_run_id": state.get("mlflow_run_id")}
+
+
+def _all_workers(flag: bool, device: torch.device) -> bool:
+    """True when flag is True on every worker (a collective: every worker must call it)."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def _accumulate(window: dict, res, images: int) -> None:
