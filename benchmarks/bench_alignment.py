@@ -5,7 +5,8 @@
     python benchmarks/bench_alignment.py --preset tiny32 --oracle                        # labels, not text
 
 Trains a preset on 4,000 synthetic rows for a wall-clock budget and judges 100 held-out captions
-(Heun 18 steps) at the given times. `--oracle` replaces the pooled CLIP text embedding by a one-hot
+(Heun 18 steps) at the given times. `--from-real 0.5,1,2` also starts the sampler from the held-out
+images themselves noised to each sigma: where the labels survive and where they are lost. `--oracle` replaces the pooled CLIP text embedding by a one-hot
 code of the caption's labels (training and sampling): an upper bound on what the network can learn
 in the budget when the text features are perfect, which separates "the network is too slow" from
 "the text features are hard to read". All figures printed; nothing asserted.
@@ -24,8 +25,10 @@ from ediffi.conditioning import Cond, DropoutConfig
 from ediffi.edm import NoiseDistribution
 from ediffi.ema import EMA
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi.guidance import Guided
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
 from ediffi.presets import build_denoiser, get_preset
+from ediffi.samplers import SAMPLERS, karras_sigmas
 from ediffi.training import train_step
 from ediffi_platform.ingest import ImageFilter, decode_image
 from ediffi_platform.judge import alignment
@@ -58,6 +61,12 @@ def main() -> None:
     p.add_argument("--oracle", action="store_true")
     p.add_argument("--grid", default=None, help="write the first 40 judged samples here as a PNG grid")
     p.add_argument("--save", default=None, help="write the final EMA model here as a checkpoint folder")
+    p.add_argument(
+        "--from-real",
+        default="",
+        help="comma-separated sigmas: at the end, also judge samples that start from the held-out images "
+        "noised to each sigma (where along the noise levels the labels are lost)",
+    )
     p.add_argument("--set", action="append", default=[], help="override a preset field, e.g. channel_mult=(1,2,2)")
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -104,6 +113,24 @@ def main() -> None:
             Image.fromarray(grid(torch.stack(out[:40]), cols=8).numpy()).resize((8 * 4 * R, 5 * 4 * R)).save(a.grid)
         print(f"{t:5.0f} s  step {step:5d}  " + "  ".join(f"{k} {100 * v:3.0f}%" for k, v in acc.items()), flush=True)
 
+    def from_real(sigma0: float) -> None:
+        Dm = Guided(ema_model(), a.guidance)
+        x0 = torch.from_numpy(np.stack([decode_image(r["jpg"], ImageFilter(resolution=R))[0] for r in held]))
+        x0 = x0.permute(0, 3, 1, 2).float() / 127.5 - 1
+        c, _ = enc.encode([r["caption"] for r in held])
+        if a.oracle:
+            c.clip_pooled = onehot(held, c.clip_pooled.shape[1])
+        full = karras_sigmas(18, 0.002, 80.0, 7.0)
+        sigmas = torch.cat([torch.tensor([sigma0]), full[full < sigma0]])
+        start = x0 + sigma0 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = to_uint8(SAMPLERS["heun"](Dm, start, sigmas, c))
+        acc = alignment([o.numpy() for o in out], [{k: r[k] for k in LABELS} for r in held])
+        print(
+            f"from the held-out images at sigma {sigma0:g}: "
+            + "  ".join(f"{k} {100 * v:3.0f}%" for k, v in acc.items())
+        )
+
     evals = [float(v) for v in a.evals.split(",") if v]
     g, step, t0, paused = torch.Generator().manual_seed(0), 0, time.time(), 0.0
     print(
@@ -125,6 +152,8 @@ def main() -> None:
         step += 1
     print(f"{step * a.batch / (time.time() - t0 - paused):.0f} img/s")
     judge(step, time.time() - t0 - paused)
+    for sigma0 in (float(v) for v in a.from_real.split(",") if v):
+        from_real(sigma0)
     if a.save:
         from ediffi.checkpoint import save_checkpoint
         from ediffi_platform.config import to_dict

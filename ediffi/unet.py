@@ -9,8 +9,9 @@ super-resolution, the augmentation level). Optionally the input is folded into p
 unshuffle), so the levels start at img_resolution / patch_size; the output conv then also sees the
 folded input pixels, scaled per channel by a gain from the embedding vector, so how much of each
 pixel passes through can follow the noise level (a fixed weight could denoise at one noise level
-only). The pooled CLIP text can be left out of the embedding vector (`pooled_text=False`: text only
-through cross-attention).
+only), and optionally a small full-resolution conv head refines the unfolded output. The pooled
+CLIP text can be left out of the embedding vector (`pooled_text=False`: text only through
+cross-attention).
 Cross-attention reads [null; T5 tokens; CLIP text tokens; CLIP image token],
 each projected to `ctx_dim`, with a key-padding mask; the always-present learned null token keeps
 the softmax defined when every embedding is dropped.

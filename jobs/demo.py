@@ -1,4 +1,4 @@
-"""The whole chain on a laptop, no GPU, no cluster, no downloads (10-14 minutes on 2 CPU cores):
+"""The whole chain on a laptop, no GPU, no cluster, no downloads (about 12-13 minutes on 2 CPU cores):
 synthetic data -> embeddings -> base model -> experts -> batch generation -> evaluation -> report.
 
 python jobs/demo.py                       # everything under ./demo; run again to resume

@@ -32,7 +32,7 @@ from ediffi_platform.train import OptimConfig, TrainConfig, run_training
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's sizes (defaults: 10-14 minutes on 2 CPU cores, inside the 15-minute goal; see the README)."""
+    """The demo's sizes (defaults: about 12-13 minutes on 2 CPU cores, inside the 15-minute goal; see the README)."""
 
     workdir: str = "demo"  # everything goes here: data, runs, outputs, mlflow.db, report.html
     rows: int = 4000  # synthetic training rows
