@@ -2,6 +2,7 @@
 EMA -> checkpoints) vs the same step loop in one plain process on in-memory tensors.
 
     python benchmarks/bench_train.py --preset demo --steps 60
+    python benchmarks/bench_train.py --preset tiny32 --threads 1 --memory-format contiguous   # vs auto
 
 Prints images/s for the plain loop and for Ray Train with 1 worker (target: >= 90% of plain),
 steady state (from the run's own per-window metrics, first window dropped) and end to end (fit()
@@ -22,7 +23,7 @@ import torch
 from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution
 from ediffi.ema import EMA
-from ediffi.presets import build_denoiser, get_preset
+from ediffi.presets import MEMORY_FORMATS, build_denoiser, get_preset, memory_format
 from ediffi.training import train_step
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.ingest import ImageFilter, InputConfig
@@ -38,7 +39,7 @@ def plain_loop(cfg: TrainConfig, warmup: int) -> float:
     torch.set_num_threads(cfg.threads_per_worker)
     batches = [(x, c) for x, c in iter_batches(cfg.data, cfg.batch_size) if len(x) == cfg.batch_size]
     torch.manual_seed(cfg.seed)
-    D = build_denoiser(get_preset(cfg.preset))
+    D = build_denoiser(get_preset(cfg.preset)).to(memory_format=memory_format(cfg.memory_format, "cpu"))
     ema = EMA(D.net, cfg.ema_decay)
     opt = torch.optim.AdamW(D.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     gen = torch.Generator().manual_seed(0)
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2, help="torch threads in both paths")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs for the worker (rest: data)")
+    p.add_argument("--memory-format", default="auto", choices=MEMORY_FORMATS, help="conv layout in both paths")
     a = p.parse_args()
     d = Path(tempfile.mkdtemp(prefix="bench_train_"))
     res = get_preset(a.preset).img_resolution
@@ -79,6 +81,7 @@ def main() -> None:
         num_workers=1,
         cpus_per_worker=a.cpus_per_worker,
         threads_per_worker=a.threads,
+        memory_format=a.memory_format,
         optim=OptimConfig(lr=1e-3, warmup_steps=10),
         dropout=DropoutConfig(0.1, 0.1, 0.1),
         checkpoint_every=a.steps,  # one checkpoint, at the end, as a real run's last
@@ -95,7 +98,9 @@ def main() -> None:
     steady = [m.value for m in sorted(hist, key=lambda m: m.step)][1:]  # the first window holds start-up
     ray_steady = len(steady) / sum(1 / v for v in steady)  # equal-image windows: harmonic mean
     e2e = a.steps * a.batch / wall
-    print(f"preset {a.preset}, batch {a.batch}, {a.steps} steps, {a.threads} torch threads, 1 worker")
+    print(
+        f"preset {a.preset}, batch {a.batch}, {a.steps} steps, {a.threads} torch threads, 1 worker, {a.memory_format}"
+    )
     print(f"plain loop (in-memory tensors):  {plain:8.1f} img/s")
     print(f"Ray Train, steady state:         {ray_steady:8.1f} img/s  ({100 * ray_steady / plain:.0f}% of plain)")
     print(f"Ray Train, end to end (fit()):   {e2e:8.1f} img/s  ({100 * e2e / plain:.0f}%; {wall:.0f} s incl. start-up)")

@@ -77,4 +77,4 @@ def _like(current: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         # Every rank holds the same full tensor (each read the checkpoint): keep the local shard,
         # no scatter from rank 0 (one collective fewer per tensor at every resume).
         return distribute_tensor(full.to(current.device), current.device_mesh, current.placements, src_data_rank=None)
-    return full.to(current.device).clone()
+    return torch.empty_like(current).copy_(full)  # keeps the model's layout (e.g. channels_last)

@@ -122,6 +122,20 @@ def build_denoiser(cfg: UNetConfig, device: torch.device | str = "cpu") -> EDMPr
         return EDMPrecond(UNet(cfg))
 
 
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def memory_format(name: str, device: torch.device | str) -> torch.memory_format:
+    """The layout for a memory-format setting: "auto" is channels_last on the CPU, where oneDNN's
+    convolutions run 20-35 % faster in it (tiny32, 2 cores: train step 203 -> 264-275 img/s,
+    forward 646-735 -> 834-891 img/s), and the default layout elsewhere (not measured there yet)."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {list(MEMORY_FORMATS)}, got {name!r}")
+    if name == "auto":
+        name = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     """Number of parameters (meta tensors included)."""
     return sum(p.numel() for p in module.parameters())

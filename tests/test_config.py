@@ -85,3 +85,16 @@ def test_shipped_configs_load(name, cls):
     path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
     assert load_config(getattr(importlib.import_module(module), attr), path) is not None
     assert len(list(path.parent.glob("*.yaml"))) == 5  # every shipped config is checked here
+
+
+def test_memory_format_is_checked_where_it_is_set():
+    from ediffi_platform.generate import GenerateConfig
+    from ediffi_platform.train import TrainConfig
+
+    assert TrainConfig().memory_format == GenerateConfig().memory_format == "auto"
+    for cls in (TrainConfig, GenerateConfig):
+        with pytest.raises(ValueError, match=r"memory_format must be one of \['auto', 'channels_last', 'contiguous'\]"):
+            cls(memory_format="nhwc")
+    with pytest.raises(ValueError, match="channels_last is not supported with strategy=fsdp"):
+        TrainConfig(strategy="fsdp", memory_format="channels_last")
+    TrainConfig(strategy="fsdp")  # auto: the default layout under FSDP2

@@ -246,3 +246,39 @@ def test_output_head_refines_each_pixel_from_its_neighbourhood():
     near = torch.zeros(32, 32, dtype=torch.bool)
     near[7:14, 17:24] = True
     assert change[near].max() > 1e-4 and change[~near].max() == 0
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path):
+    from ediffi.checkpoint import load_checkpoint, save_checkpoint
+    from ediffi.edm import NoiseDistribution
+    from ediffi.ema import EMA
+    from ediffi.presets import memory_format
+    from ediffi.training import train_step
+
+    assert memory_format("auto", "cpu") == torch.channels_last
+    assert memory_format("auto", "meta") == memory_format("contiguous", "cpu") == torch.contiguous_format
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        memory_format("nhwc", "cpu")
+    cfg = get_preset("tiny32")
+    x, cond = torch.randn(4, 3, 32, 32), random_cond(cfg.cond, 4)
+    runs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        D = build_denoiser(cfg).to(memory_format=fmt)
+        opt, ema = torch.optim.AdamW(D.parameters(), lr=1e-3), EMA(D.net, 0.9)
+        for _ in range(3):
+            res = train_step(D, opt, [(x, cond)], NoiseDistribution(), generator=torch.Generator().manual_seed(1))
+            ema.update(D.net)
+        runs.append((D, ema, res.loss))
+    (D0, _, loss0), (D1, ema1, loss1) = runs
+    assert D1.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert ema1.state_dict()["conv_in.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(loss0, loss1, rtol=1e-4)
+    for (k, a), b in zip(D0.net.state_dict().items(), D1.net.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), k
+    # Checkpoints hold plain contiguous tensors whatever the layout in memory.
+    save_checkpoint(tmp_path / "ck", cfg, D1, ema=None)
+    back = load_checkpoint(tmp_path / "ck")[0]
+    assert all(
+        torch.equal(a, b) for a, b in zip(back.net.state_dict().values(), D1.net.state_dict().values(), strict=True)
+    )

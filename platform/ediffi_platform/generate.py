@@ -27,6 +27,7 @@ import torch
 from ediffi.checkpoint import read_config
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi.pipeline import SamplerConfig, check_compatible, grid, sample, to_uint8
+from ediffi.presets import memory_format
 from ediffi.sr import Stage, cascade
 from ediffi_platform.config import JobFailed, from_dict, to_dict
 from ediffi_platform.prompts import Request, read_prompts
@@ -73,6 +74,7 @@ class GenerateConfig:
     num_gpus: float = 0.0  # GPUs per actor
     num_cpus: float = 1.0  # CPUs per actor
     threads_per_actor: int = 0  # torch CPU threads per actor; 0 = its CPU share rounded up
+    memory_format: str = "auto"  # conv layout: auto (channels_last on CPU, default on GPU), channels_last, contiguous
     grid_images: int = 16  # images in the sample grid logged to MLflow (0 = none)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
@@ -87,6 +89,7 @@ class GenerateConfig:
         for k in ("batch_size", "concurrency", "images_per_prompt"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        memory_format(self.memory_format, "cpu")
 
 
 # --- the model: a manifest, a checkpoint or a run folder, local or on S3 ------------------------
@@ -133,18 +136,23 @@ def resolve_model(uri: str, storage: StorageConfig) -> str:
     return resolve_checkpoint(uri, storage)
 
 
-def load_model(local: str, use_ema: bool, device: str):
-    """(denoiser, network config, metadata of the first checkpoint) from a local manifest or checkpoint."""
+def load_model(local: str, use_ema: bool, device: str, layout: str = "contiguous"):
+    """(denoiser, network config, metadata of the first checkpoint) from a local manifest or checkpoint,
+    its convolutions in the given memory format (GenerateConfig.memory_format)."""
     from ediffi.checkpoint import load_checkpoint
     from ediffi.ensemble import load_ensemble, read_manifest
 
+    fmt = memory_format(layout, device)
     if _is_manifest(local):
         first = read_manifest(local)[1][0]
         net_cfg, meta = read_config(first)
-        return load_ensemble(local, use_ema=use_ema, device=device), net_cfg, meta
+        ensemble = load_ensemble(local, use_ema=use_ema, device=device)
+        for expert in ensemble.experts:
+            expert.to(memory_format=fmt)
+        return ensemble, net_cfg, meta
     ema = use_ema and os.path.isfile(os.path.join(local, "ema.safetensors"))
     D, meta = load_checkpoint(local, use_ema=ema, device=device)
-    return D, read_config(local)[0], meta
+    return D.to(memory_format=fmt), read_config(local)[0], meta
 
 
 def model_id(uri: str, storage: StorageConfig) -> str:
@@ -257,13 +265,13 @@ class ImageGenerator:
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(cfg.threads_per_actor or max(1, math.ceil(cfg.num_cpus)))
         local = fetch_model(model, cfg.storage)
-        D, self.net_cfg, _ = load_model(local, cfg.use_ema, self.device)
+        D, self.net_cfg, _ = load_model(local, cfg.use_ema, self.device, cfg.memory_format)
         self.D = _Timed(D)
         self.encoder = ConditioningEncoder(from_dict(EncoderConfig, encoders)).to(self.device).eval()
         check_compatible(self.encoder.spec, self.net_cfg.cond)
         self.sr = []  # the cascade's SR stages, each timed on its own
         for st, uri in zip(cfg.sr_stages, sr_models, strict=True):
-            D_sr, net_sr, _ = load_model(fetch_model(uri, cfg.storage), cfg.use_ema, self.device)
+            D_sr, net_sr, _ = load_model(fetch_model(uri, cfg.storage), cfg.use_ema, self.device, cfg.memory_format)
             if not net_sr.sr:
                 raise ValueError(f"sr_stages: {uri} is not a super-resolution model")
             check_compatible(self.encoder.spec, net_sr.cond)

@@ -43,7 +43,7 @@ from ediffi.distributed import (
 from ediffi.edm import P_MEAN, P_STD, NoiseDistribution
 from ediffi.ema import EMA
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
-from ediffi.presets import PRESETS, build_denoiser, get_preset
+from ediffi.presets import PRESETS, build_denoiser, get_preset, memory_format
 from ediffi.sr import SRConfig, augment, degrade
 from ediffi.training import train_step
 from ediffi_platform.config import from_dict, to_dict
@@ -86,6 +86,7 @@ class TrainConfig:
     sigma_lo: float = 0.0  # train only on sigma in [sigma_lo, sigma_hi) (experts)
     sigma_hi: float = math.inf  # upper end of the noise interval
     dtype: str = "auto"  # autocast dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    memory_format: str = "auto"  # conv layout: auto (channels_last on CPU, default on GPU), channels_last, contiguous
     num_workers: int = 2  # Ray Train workers
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 1.0  # CPUs per worker
@@ -121,6 +122,9 @@ class TrainConfig:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        memory_format(self.memory_format, "cpu")
+        if self.strategy == "fsdp" and self.memory_format == "channels_last":
+            raise ValueError("memory_format=channels_last is not supported with strategy=fsdp (use auto or contiguous)")
         self.noise()
         sr = PRESETS[self.preset].sr
         if sr and self.lowres < 1:
@@ -203,7 +207,8 @@ def train_loop_per_worker(config: dict) -> dict:
                 parent = load_training_state(d) if (Path(d) / "trainer.json").exists() else {}
                 restore = (read_weights(Path(d) / "ema.safetensors"), None)
                 state["ema_updates"] = parent.get("ema_updates", parent.get("step", 0))
-    D.to(device)
+    # FSDP2 shards parameters along their first dimension: keep its default layout.
+    D.to(device, memory_format=memory_format("contiguous" if cfg.strategy == "fsdp" else cfg.memory_format, device))
     model = (
         shard_denoiser(D, device) if cfg.strategy == "fsdp" else ray.train.torch.prepare_model(D, move_to_device=False)
     )
