@@ -27,7 +27,7 @@ from ediffi.ema import EMA
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi.guidance import Guided
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
-from ediffi.presets import build_denoiser, get_preset
+from ediffi.presets import build_denoiser, get_preset, memory_format
 from ediffi.samplers import SAMPLERS, karras_sigmas
 from ediffi.training import train_step
 from ediffi_platform.ingest import ImageFilter, decode_image
@@ -87,13 +87,13 @@ def main() -> None:
     if a.oracle:
         cond.clip_pooled = onehot(rows, cond.clip_pooled.shape[1])
     held = make_shard(SyntheticConfig(rows=100, shards=1, seed=12345), 0).to_pylist()
-    D = build_denoiser(cfg)
+    D = build_denoiser(cfg).to(memory_format=memory_format("auto", "cpu"))  # as training does
     opt = torch.optim.AdamW(D.parameters(), lr=a.lr)
     ema = EMA(D, 0.99)
     noise, drop = NoiseDistribution(a.P_mean, 1.2), DropoutConfig(0.1, 0.1, 0.5)
 
     def ema_model():
-        Dm = build_denoiser(cfg)
+        Dm = build_denoiser(cfg).to(memory_format=memory_format("auto", "cpu"))
         Dm.load_state_dict(ema.state_dict())
         return Dm.eval()
 
