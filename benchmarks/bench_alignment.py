@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--P-mean", type=float, default=0.0, help="training noise centre ln(sigma) (the demo's)")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training autocast dtype")
     p.add_argument("--clip", default=None, help="fitted CLIP weights (ediffi_platform.clip_fit); default random")
     p.add_argument("--oracle", action="store_true")
     p.add_argument("--grid", default=None, help="write the first 40 judged samples here as a PNG grid")
@@ -134,7 +135,7 @@ def main() -> None:
     evals = [float(v) for v in a.evals.split(",") if v]
     g, step, t0, paused = torch.Generator().manual_seed(0), 0, time.time(), 0.0
     print(
-        f"preset {a.preset} ({R}px), batch {a.batch}, lr {a.lr}, P_mean {a.P_mean}, clip {a.clip or 'random'}, "
+        f"preset {a.preset} ({R}px), batch {a.batch}, lr {a.lr}, {a.dtype}, P_mean {a.P_mean}, clip {a.clip or 'random'}, "
         f"oracle {a.oracle}, overrides {a.set}, {sum(p.numel() for p in D.parameters()):,} parameters; "
         f"judged on {len(held)} held-out captions, heun 18, guidance {a.guidance}"
     )
@@ -147,7 +148,7 @@ def main() -> None:
         idx = torch.randint(len(x), (a.batch,), generator=g)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 100)
-        train_step(D, opt, [(x[idx], cond[idx])], noise, drop)
+        train_step(D, opt, [(x[idx], cond[idx])], noise, drop, dtype=a.dtype)
         ema.update(D)
         step += 1
     print(f"{step * a.batch / (time.time() - t0 - paused):.0f} img/s")

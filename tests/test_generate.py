@@ -118,8 +118,10 @@ def test_jsonl_and_txt_deterministic_across_batch_sizes_and_resumable(ensemble, 
     s1 = run_generate(_cfg(ensemble, tmp_path, tmp_path / "p.jsonl", batch_size=1, out=str(tmp_path / "b1")))
     a, b = _images(tmp_path / "out"), _images(tmp_path / "b1")
     assert s1["images_total"] == 4 and a.keys() == b.keys()
-    for k in a:  # same prompt, seed and settings -> the same image, whatever the batch
-        np.testing.assert_array_equal(a[k], b[k])
+    for k in a:  # same prompt, seed and settings -> the same image, whatever the batch, up to
+        # the rounding to uint8 of float sums whose order depends on the batch size
+        diff = np.abs(a[k].astype(np.int16) - b[k].astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.02, (k, int(diff.max()), float((diff > 0).mean()))
     assert len({v.tobytes() for v in a.values()}) == 4
 
     # Resume: a first run over part of a txt file, then the whole file.
