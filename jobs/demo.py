@@ -1,4 +1,4 @@
-"""The whole chain on a laptop, no GPU, no cluster, no downloads (about 12-13 minutes on 2 CPU cores):
+"""The whole chain on a laptop, no GPU, no cluster, no downloads (9-13 minutes on 2 CPU cores):
 synthetic data -> embeddings -> base model -> experts -> batch generation -> evaluation -> report.
 
 python jobs/demo.py                       # everything under ./demo; run again to resume
@@ -24,7 +24,8 @@ def main(argv=None) -> int:
         for name in ("base", "ensemble"):
             print(
                 f"  {name:9s} color {100 * a[name]['color']:.1f}%  shape {100 * a[name]['shape']:.1f}%  "
-                f"position {100 * a[name]['position']:.1f}%  all five {100 * a[name]['all']:.1f}%"
+                f"position {100 * a[name]['position']:.1f}%  all five {100 * a[name]['all']:.1f}%  "
+                + "  ".join(f"{k} {100 * v:.1f}%" for k, v in a[name].items() if k.startswith("shape_"))
             )
         print(f"  images:     {s['images']}/")
         print(f"  grid:       {s['grid']}")

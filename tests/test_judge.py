@@ -14,6 +14,19 @@ def test_reads_the_datasets_own_images_at_32px():
     acc = alignment(images, [{k: r[k] for k in LABELS} for r in rows])
     assert all(acc[k] == 1.0 for k in ("color", "size", "position", "background")), acc
     assert acc["shape"] >= 0.93, acc  # small shapes are ~8 px wide at 32 px
+    assert acc["shape_big"] == 1.0 and 0.85 <= acc["shape_small"] < 1.0, acc  # the misses are all small shapes
+
+
+def test_shape_accuracy_per_size_counts_only_that_size():
+    circle = lambda size: np.asarray(draw("red", "circle", size, "center", "white", 32))
+    images = [circle("small"), circle("small"), circle("big")]
+    labels = [
+        dict(color="red", shape=s, size=z, position="center", background="white")
+        for s, z in (("circle", "small"), ("square", "small"), ("triangle", "big"))
+    ]
+    acc = alignment(images, labels)
+    assert (acc["shape_small"], acc["shape_big"]) == (0.5, 0.0) and acc["shape"] == pytest.approx(1 / 3)
+    assert "shape_big" not in alignment(images[:1], labels[:1])  # no big shape asked for: no figure
 
 
 @pytest.mark.parametrize("shape", SHAPES)

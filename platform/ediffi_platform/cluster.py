@@ -16,4 +16,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # With the dashboard: Ray Train's placement-group cleaner asks the State API (served by the
+        # dashboard) every second whether the train controller lives; without it, every ask fails
+        # and logs a warning (160 lines in one demo run). ~1 s more at start; a busy port moves on.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)

@@ -74,10 +74,16 @@ def read_labels(image: np.ndarray) -> dict[str, str]:
 
 
 def alignment(images: Sequence[np.ndarray], labels: Sequence[dict[str, str]]) -> dict[str, float]:
-    """Accuracy per label (and all five right at once) of images against the labels they were asked for."""
+    """Accuracy per label (and all five right at once) of images against the labels they were asked for,
+    plus shape accuracy per asked size (`shape_small`, `shape_big`: small shapes are ~8 px at 32 px)."""
     if len(images) != len(labels) or not len(images):
         raise ValueError(f"need one label set per image, got {len(images)} images and {len(labels)} label sets")
     seen = [read_labels(im) for im in images]
-    out = {k: float(np.mean([s[k] == want[k] for s, want in zip(seen, labels, strict=True)])) for k in LABELS}
-    out["all"] = float(np.mean([all(s[k] == want[k] for k in LABELS) for s, want in zip(seen, labels, strict=True)]))
+    pairs = list(zip(seen, labels, strict=True))
+    out = {k: float(np.mean([s[k] == want[k] for s, want in pairs])) for k in LABELS}
+    out["all"] = float(np.mean([all(s[k] == want[k] for k in LABELS) for s, want in pairs]))
+    for size in SIZES:
+        asked = [s["shape"] == want["shape"] for s, want in pairs if want["size"] == size]
+        if asked:
+            out[f"shape_{size}"] = float(np.mean(asked))
     return out
