@@ -141,7 +141,7 @@ def main() -> None:
             with torch.no_grad():
                 seeds = list(range(i, i + len(c)))
                 out += list(to_uint8(sample(Dm, c, (3, R, R), seeds, SamplerConfig(steps=18, guidance=a.guidance))))
-        acc = alignment([o.numpy() for o in out], [{k: r[k] for k in LABELS} for r in held])  # + shape per size
+        acc = alignment([o.numpy() for o in out], [{k: r[k] for k in LABELS} for r in held])
         if a.grid:
             from PIL import Image
 

@@ -10,6 +10,7 @@ import sys
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import job_config, run_job
 from ediffi_platform.demo import DemoConfig, run_demo
+from ediffi_platform.judge import SHAPE_BY_SIZE
 
 
 def main(argv=None) -> int:
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
             print(
                 f"  {name:9s} color {100 * a[name]['color']:.1f}%  shape {100 * a[name]['shape']:.1f}%  "
                 f"position {100 * a[name]['position']:.1f}%  all five {100 * a[name]['all']:.1f}%  "
-                + "  ".join(f"{k} {100 * v:.1f}%" for k, v in a[name].items() if k.startswith("shape_"))
+                + "  ".join(f"{k} {100 * a[name][k]:.1f}%" for k in SHAPE_BY_SIZE.values() if k in a[name])
             )
         print(f"  images:     {s['images']}/")
         print(f"  grid:       {s['grid']}")

@@ -23,7 +23,7 @@ from ediffi_platform.clip_fit import ClipFitConfig, fit_clip
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
 from ediffi_platform.generate import GenerateConfig, run_generate
 from ediffi_platform.ingest import ImageFilter, InputConfig
-from ediffi_platform.judge import alignment, read_labels
+from ediffi_platform.judge import SHAPE_BY_SIZE, alignment, read_labels
 from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 from ediffi_platform.synthetic import LABELS, SyntheticConfig, make_shard, write_synthetic
 from ediffi_platform.tracking import Tracker, TrackingConfig, resolve
@@ -269,7 +269,7 @@ def _report(w, cfg, held, labels, results, base, experts, tracking, times) -> Pa
             )
             cells.append(f"<td>{img_tag(images[n][i + 1])}<br><small>{ok}</small></td>")
         rows.append(f"<tr><td>{html.escape(r['caption'])}</td>{''.join(cells)}</tr>")
-    columns = (*LABELS, "all", "shape_small", "shape_big")
+    columns = (*LABELS, "all", *SHAPE_BY_SIZE.values())
     table = "".join(
         f"<tr><td>{n}</td>"
         + "".join(f"<td>{100 * v['alignment'][k]:.1f}%</td>" if k in v["alignment"] else "<td>-</td>" for k in columns)
@@ -284,7 +284,7 @@ def _report(w, cfg, held, labels, results, base, experts, tracking, times) -> Pa
 {cfg.expert_steps} steps each (split at the median of the training noise distribution), Heun {cfg.sampler.steps} steps,
 guidance {cfg.sampler.guidance}. Stage times: {", ".join(f"{k} {v:.0f} s" for k, v in times.items())}.</p>
 <h2>Text alignment on {len(held)} held-out captions (judged from the pixels)</h2>
-<table><tr><th>model</th>{"".join(f"<th>{k}</th>" for k in (*LABELS, "all five", "shape, small", "shape, big"))}</tr>
+<table><tr><th>model</th>{"".join(f"<th>{k}</th>" for k in (*LABELS, "all five", *(f"shape, {s}" for s in SHAPE_BY_SIZE)))}</tr>
 {table}</table>
 <h2>Training loss</h2>{_curves(tracking, runs)}
 <h2>Samples per prompt</h2><table><tr><th>caption</th>{"".join(f"<th>{n}</th>" for n in results)}</tr>{"".join(rows)}</table>

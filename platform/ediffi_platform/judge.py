@@ -20,6 +20,7 @@ from scipy import ndimage
 from ediffi_platform.synthetic import BACKGROUNDS, COLORS, LABELS, POSITIONS, SIZES
 
 NONE = "none"  # no object found
+SHAPE_BY_SIZE = {size: f"shape_{size}" for size in SIZES}  # alignment()'s keys for shape accuracy per asked size
 
 
 def _nearest(value: np.ndarray, table: dict) -> str:
@@ -82,8 +83,8 @@ def alignment(images: Sequence[np.ndarray], labels: Sequence[dict[str, str]]) ->
     pairs = list(zip(seen, labels, strict=True))
     out = {k: float(np.mean([s[k] == want[k] for s, want in pairs])) for k in LABELS}
     out["all"] = float(np.mean([all(s[k] == want[k] for k in LABELS) for s, want in pairs]))
-    for size in SIZES:
+    for size, key in SHAPE_BY_SIZE.items():
         asked = [s["shape"] == want["shape"] for s, want in pairs if want["size"] == size]
         if asked:
-            out[f"shape_{size}"] = float(np.mean(asked))
+            out[key] = float(np.mean(asked))
     return out
