@@ -85,17 +85,27 @@ def read_config(path: str | Path) -> tuple[UNetConfig, dict]:
     return cfg, doc.get("metadata", {})
 
 
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file opens with its JSON header's length (u64, little-endian), then the header."""
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
 def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; pickles and torch.save archives are refused unread."""
     file = Path(file)
     if not file.is_file():
         raise CheckpointError(f"{file}: weights file not found")
     with open(file, "rb") as fh:
-        head = fh.read(4)
-    if head[:1] == b"\x80" or head == b"PK\x03\x04":
-        raise CheckpointError(
-            f"{file}: is a pickle / torch.save file; ediffi loads only safetensors and never unpickles"
-        )
+        head = fh.read(9)
+    if not _is_safetensors(head, file.stat().st_size):
+        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":  # pickle protocol 2+ / zip (torch.save)
+            raise CheckpointError(
+                f"{file}: is a pickle / torch.save file; ediffi loads only safetensors and never unpickles"
+            )
+        raise CheckpointError(f"{file}: not a readable safetensors file (no safetensors header)")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:

@@ -52,6 +52,30 @@ def test_pickle_bearing_files_are_refused_unread(tmp_path, tiny_cfg, kind):
     assert not marker.exists()
 
 
+def test_every_safetensors_header_length_loads(tmp_path):
+    """The header length opens the file as a u64: ~1 in 32 lengths start with 0x80, pickle's first byte."""
+    from safetensors.torch import save_file
+
+    from ediffi.checkpoint import read_weights
+
+    first_bytes = set()
+    for n in range(0, 320, 3):  # metadata of growing length sweeps the header length over every 8 mod 256
+        f = tmp_path / f"w{n}.safetensors"
+        save_file({"w": torch.arange(4.0)}, str(f), metadata={"pad": "x" * n})
+        first_bytes.add(f.read_bytes()[0])
+        assert torch.equal(read_weights(f)["w"], torch.arange(4.0)), n
+    assert 0x80 in first_bytes and len(first_bytes) == 32
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 3, (10**9).to_bytes(8, "little") + b"{}", b"\x80\x02junk"])
+def test_non_safetensors_bytes_are_refused(tmp_path, data):
+    from ediffi.checkpoint import read_weights
+
+    (tmp_path / "w.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"w\.safetensors: (not a readable safetensors|is a pickle)"):
+        read_weights(tmp_path / "w.safetensors")
+
+
 def test_corrupt_weights_name_the_file(tmp_path, tiny_cfg):
     _, _, path = _saved(tmp_path, tiny_cfg)
     data = (path / "ema.safetensors").read_bytes()
