@@ -40,6 +40,38 @@ def test_transparent_png_is_composited_on_white():
     assert out.min() == 255
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_grey_is_scaled_not_clipped(fmt):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)  # mode I;16
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format=fmt)
+    out, why = decode_image(buf.getvalue(), ImageFilter(resolution=64))
+    assert why is None and out.shape == (64, 64, 3)
+    expect = ramp / 257.0
+    assert np.abs(out[..., 0] - expect).max() < 3 and (out[..., 0] == out[..., 2]).all()
+
+
+def test_float_image_in_unit_range_is_scaled():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 0.5, np.float32)).save(buf, format="TIFF")  # mode F
+    out, _ = decode_image(buf.getvalue(), F)
+    assert abs(int(out.mean()) - 128) <= 1
+
+
+def test_exif_orientation_is_applied_before_cropping():
+    img = Image.new("RGB", (64, 40), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 32, 40))  # stored: red left half, blue right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    out, why = decode_image(buf.getvalue(), F)
+    assert why is None
+    top, bottom = out[:12].astype(int), out[-12:].astype(int)  # displayed: red on top, blue below
+    assert top[..., 0].mean() > 200 and top[..., 2].mean() < 60
+    assert bottom[..., 2].mean() > 200 and bottom[..., 0].mean() < 60
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem
 
@@ -97,6 +97,19 @@ def check_schema(path: str, cfg: InputConfig, storage: StorageConfig = StorageCo
     return md.num_rows
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Greyscale of more than 8 bits (16-bit PNG / TIFF, 32-bit int, float) scaled to 0-255;
+    Pillow's convert("RGB") would clip it (a 16-bit PNG comes out almost white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64) / 257.0  # 0-65535 -> 0-255
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a  # float images in [0, 1]
+    else:
+        return img
+    return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), mode="L")
+
+
 def decode_image(data: bytes | None, f: ImageFilter) -> tuple[np.ndarray | None, str | None]:
     """RGB uint8 [R, R, 3] (shorter side resized, center-cropped), or (None, drop reason)."""
     if not data:
@@ -106,10 +119,12 @@ def decode_image(data: bytes | None, f: ImageFilter) -> tuple[np.ndarray | None,
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
+            img = ImageOps.exif_transpose(img)  # a photo stored sideways with an orientation tag
     except Image.DecompressionBombError:
         return None, "too_large"
     except Exception:
         return None, "decode_error"
+    img = _to_8bit(img)
     w, h = img.size
     if min(w, h) < max(f.min_size, 1):
         return None, "too_small"
