@@ -176,25 +176,35 @@ def empty_cond(spec: CondSpec, batch: int, device: torch.device | str = "cpu") -
 
 @dataclass(frozen=True)
 class DropoutConfig:
-    """Independent per-sample probabilities of dropping each embedding during training."""
+    """Per-sample probabilities of dropping embeddings during training: each one independently
+    (so any subset conditions at sampling time), and all of them together (the null condition that
+    classifier-free guidance subtracts; independent drops alone reach it on t5 * clip_text *
+    clip_image of the samples, 0.1 % at 0.1 each)."""
 
     t5: float = 0.1  # probability of dropping the T5 embeddings
     clip_text: float = 0.1  # probability of dropping the CLIP text tokens + pooled embedding
     clip_image: float = 0.1  # probability of dropping the CLIP image embedding
+    joint: float = 0.1  # probability of dropping every embedding together (guidance's null condition)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             p = getattr(self, f.name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"DropoutConfig.{f.name} must be in [0, 1], got {p}")
+            if not isinstance(p, int | float) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"DropoutConfig.{f.name} must be in [0, 1], got {p!r}")
+
+    def null_rate(self) -> float:
+        """The share of training samples that see the null condition."""
+        return self.joint + (1 - self.joint) * self.t5 * self.clip_text * self.clip_image
 
 
 def drop_embeddings(cond: Cond, p: DropoutConfig, generator: torch.Generator | None = None) -> Cond:
-    """Drop each embedding of each sample independently with its configured probability."""
+    """Drop each embedding of each sample independently with its probability, then every embedding
+    of a sample together with probability `p.joint`."""
     gen_device = torch.device("cpu") if generator is None else generator.device
-    for which in EMBEDDINGS:
-        u = torch.rand(len(cond), generator=generator, device=gen_device)
-        cond = cond.drop(which, (u >= getattr(p, which)).to(cond.t5.device))
+    u = torch.rand(len(EMBEDDINGS) + 1, len(cond), generator=generator, device=gen_device).to(cond.t5.device)
+    keep_all = u[-1] >= p.joint
+    for i, which in enumerate(EMBEDDINGS):
+        cond = cond.drop(which, (u[i] >= getattr(p, which)) & keep_all)
     return cond
 
 

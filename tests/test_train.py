@@ -37,7 +37,7 @@ def _cfg(emb, tmp_path, **kw):
         num_workers=2,
         cpus_per_worker=0.5,
         optim=OptimConfig(lr=2e-3, warmup_steps=5),
-        dropout=DropoutConfig(0.0, 0.0, 0.0),
+        dropout=DropoutConfig(0.0, 0.0, 0.0, joint=0.0),
         checkpoint_every=10,
         log_every=5,
         output=str(tmp_path / "runs"),
