@@ -134,6 +134,17 @@ class Cond:
             new[name] = (v & k) if v.dtype == torch.bool else v * k.to(v.dtype)
         return replace(self, **new)
 
+    def present_values(self) -> Cond:
+        """Every value its mask marks absent set to zero, whatever it held (inf and NaN included);
+        the pooled CLIP text belongs to the CLIP text embedding, present iff any of its tokens is."""
+        return replace(
+            self,
+            t5=self.t5.masked_fill(~self.t5_mask[..., None], 0.0),
+            clip=self.clip.masked_fill(~self.clip_mask[..., None], 0.0),
+            clip_pooled=self.clip_pooled.masked_fill(~self.clip_mask.any(dim=1, keepdim=True), 0.0),
+            clip_image=self.clip_image.masked_fill(~self.clip_image_mask[:, None], 0.0),
+        )
+
     def null(self) -> Cond:
         """The null condition used by guidance: every embedding dropped (SR inputs kept)."""
         out = self

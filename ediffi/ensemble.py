@@ -6,7 +6,7 @@ import copy
 import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,15 +94,26 @@ class ExpertEnsemble:
         return next(i for i, iv in enumerate(self.intervals) if iv.lo <= sigma < iv.hi)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.route(x, sigma, cond, lambda expert, idx: expert)
+
+    def route(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Cond,
+        wrap: Callable[[Denoiser, torch.Tensor | None], Denoiser],
+    ) -> torch.Tensor:
+        """Each sample through its expert as wrap(expert, idx)(x[idx], sigma[idx], cond[idx]), idx being
+        the samples' indices in the batch (None: the whole batch), so a wrapper can slice per-sample state."""
         lo, hi = sigma.min().item(), sigma.max().item()
         i = self.expert_index(lo)
         if self.intervals[i].contains(torch.tensor(hi)):  # the whole batch goes to one expert
-            return self.experts[i](x, sigma, cond)
+            return wrap(self.experts[i], None)(x, sigma, cond)
         out = torch.empty_like(x, dtype=torch.float32)
         for expert, iv in zip(self.experts, self.intervals, strict=True):
             idx = iv.contains(sigma).nonzero().flatten()
             if len(idx):
-                out[idx] = expert(x[idx], sigma[idx], cond[idx])
+                out[idx] = wrap(expert, idx)(x[idx], sigma[idx], cond[idx])
         return out
 
     def to(self, device: torch.device | str) -> ExpertEnsemble:

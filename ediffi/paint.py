@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ediffi.conditioning import Cond
-from ediffi.edm import EDMPrecond
+from ediffi.edm import Denoiser, EDMPrecond
 from ediffi.ensemble import ExpertEnsemble
 from ediffi.unet import AttnBlock
 
@@ -170,7 +170,9 @@ def token_masks(encoder, prompt: str, masks: dict, resolution: int, layout: Layo
 class PaintWithWords:
     """D with cross-attention biased toward painted regions (see the module docstring).
 
-    token_masks: [B, L, H, W] from `token_masks` (stacked per prompt), at any resolution.
+    token_masks: [B, L, H, W] from `token_masks` (stacked per prompt), at any resolution; the batch
+    may repeat the B prompts (guidance's halves). Around an ExpertEnsemble each expert is painted with
+    the masks and scales of the samples routed to it, so one batch may span experts.
     strength: w'. record: if a list, each biased layer call appends the fraction of the painted
     tokens' attention that falls inside their masks (for measurements; forces the explicit path).
     """
@@ -183,8 +185,6 @@ class PaintWithWords:
         if strength < 0 or not math.isfinite(strength):
             raise ValueError(f"paint-with-words: strength must be >= 0, got {strength}")
         self.denoiser, self.masks, self.strength, self.record = denoiser, masks.float(), float(strength), record
-        nets = getattr(denoiser, "experts", [denoiser])  # an ExpertEnsemble paints in every expert
-        self.blocks = [m for net in nets for m in net.modules() if isinstance(m, AttnBlock)]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         if self.strength == 0.0 and self.record is None:
@@ -192,20 +192,37 @@ class PaintWithWords:
         B = x.shape[0]
         if B % self.masks.shape[0]:
             raise ValueError(f"paint-with-words: batch {B} is not a multiple of {self.masks.shape[0]} mask sets")
+        # Per-sample state (A and w / max(Q K^T)), sliced with whatever sub-batch a network gets.
         masks = self.masks.to(x.device).repeat(B // self.masks.shape[0], 1, 1, 1)
         has_text = (cond.t5_mask.any(dim=1) | cond.clip_mask.any(dim=1)).to(x.device)
         w_scale = self.strength * torch.log1p(sigma.to(x.device).float()) * has_text.float()  # [B]
-        with self._patched(masks, w_scale):
-            return self.denoiser(x, sigma, cond)
+
+        def painted(net: Denoiser, idx: torch.Tensor | None) -> Denoiser:
+            sub = slice(None) if idx is None else idx
+            return self._painted(net, masks[sub], w_scale[sub])
+
+        if isinstance(self.denoiser, ExpertEnsemble):  # each expert paints the samples routed to it
+            return self.denoiser.route(x, sigma, cond, painted)
+        return painted(self.denoiser, None)(x, sigma, cond)
+
+    def _painted(self, net: Denoiser, masks: torch.Tensor, w_scale: torch.Tensor) -> Denoiser:
+        """net with its cross-attention biased by these samples' masks [b, L, H, W] and scales [b]."""
+        blocks = [m for m in net.modules() if isinstance(m, AttnBlock)]
+
+        def run(x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+            with self._patched(blocks, masks, w_scale):
+                return net(x, sigma, cond)
+
+        return run
 
     @contextlib.contextmanager
-    def _patched(self, masks: torch.Tensor, w_scale: torch.Tensor):
-        for block in self.blocks:
+    def _patched(self, blocks: list[AttnBlock], masks: torch.Tensor, w_scale: torch.Tensor):
+        for block in blocks:
             block.cross_attention = self._biased(masks, w_scale)  # instance attribute shadows the method
         try:
             yield
         finally:
-            for block in self.blocks:
+            for block in blocks:
                 del block.cross_attention
 
     def _biased(self, masks: torch.Tensor, w_scale: torch.Tensor):

@@ -15,6 +15,9 @@ cross-attention).
 Cross-attention reads [null; T5 tokens; CLIP text tokens; CLIP image token],
 each projected to `ctx_dim`, with a key-padding mask; the always-present learned null token keeps
 the softmax defined when every embedding is dropped.
+The masks are authoritative: every value a mask marks absent is read as zero (`Cond.present_values`),
+whatever it holds; the pooled CLIP text belongs to the CLIP text embedding, present iff any of the
+sample's CLIP tokens is.
 """
 
 from __future__ import annotations
@@ -340,7 +343,7 @@ class UNet(nn.Module):
 
     def context(self, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
         """The projected cross-attention sequence and its key-padding mask (True = attend)."""
-        B = len(cond)
+        B, cond = len(cond), cond.present_values()
         ctx = torch.cat(
             [
                 self.null_token.expand(B, -1, -1).to(cond.t5.dtype),
@@ -358,6 +361,7 @@ class UNet(nn.Module):
         self, c_noise: torch.Tensor, cond: Cond, ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The per-sample embedding vector fed to every residual block (ctx: `context(cond)`, if known)."""
+        cond = cond.present_values()
         emb = self.noise_mlp(self.noise_fourier(c_noise))
         emb = emb + self.image_proj(cond.clip_image)
         if self.cfg.pooled_text:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -34,6 +36,19 @@ def random_cond(spec, batch: int, seed: int = 0, image: bool = True) -> Cond:
         clip_pooled=r(spec.clip_embed_dim),
         clip_image=r(spec.clip_embed_dim) * image,
         clip_image_mask=torch.full((batch,), image),
+    )
+
+
+def absent_filled(cond: Cond, seed: int = 0) -> Cond:
+    """cond with every value its mask marks absent overwritten by large random numbers (masks unchanged)."""
+    g = torch.Generator().manual_seed(seed)
+    junk = lambda v, absent: torch.where(absent, torch.randn(v.shape, generator=g) * 1e4, v)
+    return replace(
+        cond,
+        t5=junk(cond.t5, ~cond.t5_mask[..., None]),
+        clip=junk(cond.clip, ~cond.clip_mask[..., None]),
+        clip_pooled=junk(cond.clip_pooled, ~cond.clip_mask.any(1, keepdim=True)),  # belongs to the CLIP text
+        clip_image=junk(cond.clip_image, ~cond.clip_image_mask[:, None]),
     )
 
 

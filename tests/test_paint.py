@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize
+from conftest import absent_filled, randomize
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi.ensemble import ExpertEnsemble, intervals_from_boundaries
 from ediffi.guidance import Guided
 from ediffi.paint import Layout, PaintWithWords, paint_masks, phrase_tokens, rasterize
 from ediffi.presets import build_denoiser, get_preset
@@ -123,3 +124,44 @@ def test_painting_moves_attention_into_the_mask_and_spares_the_unconditional_hal
         assert not torch.allclose(P(x, sigma, cond), D(x, sigma, cond))
         out = Guided(P, 3.0)(x, sigma, cond)
         assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_painted_attention_ignores_masked_out_values(enc):
+    _, P, x, cond = _setup(enc, 2.0)
+    cond = cond.drop("clip_text", torch.tensor([True, False]))  # row 1: T5 only (and no image in either)
+    junk = absent_filled(cond)
+    sigma = torch.tensor([2.0, 0.5])
+    with torch.no_grad():
+        for W in (P, Guided(P, 3.0)):
+            gap = (W(x, sigma, junk) - W(x, sigma, cond)).abs().amax(dim=(1, 2, 3)).tolist()
+            assert gap == [0.0, 0.0], gap
+
+
+def test_paint_through_an_ensemble_equals_each_sample_alone_through_its_expert(enc):
+    cfg = get_preset("tiny")
+    experts = [randomize(build_denoiser(cfg), seed=s, std=0.2).eval() for s in (3, 4)]
+    ens = ExpertEnsemble(experts, intervals_from_boundaries([1.0]))
+    prompts = ["a red circle in the top left", "a blue square", "a green circle", "a red square"]
+    masks = paint_masks(
+        enc,
+        prompts,
+        [
+            {"red circle": {"rect": [0, 0, 0.5, 0.5]}},
+            {"square": {"rect": [0.5, 0.5, 1, 1]}},
+            {"circle": {"rect": [0, 0.5, 1, 1]}},
+            {"red": {"rect": [0.25, 0.25, 0.75, 0.75]}},
+        ],
+        16,
+    )
+    cond, _ = enc.encode(prompts)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([2.0, 0.5, 0.8, 5.0])  # experts 1, 0, 0, 1: one batch spans both
+    with torch.no_grad():
+        painted = PaintWithWords(ens, masks, 2.0)(x, sigma, cond)
+        guided = Guided(PaintWithWords(ens, masks, 2.0), 3.0)(x, sigma, cond)  # as sampling composes them
+        assert (painted - ens(x, sigma, cond)).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # the bias acts
+        for i in range(4):
+            alone = PaintWithWords(experts[ens.expert_index(sigma[i].item())], masks[i : i + 1], 2.0)
+            one = (x[i : i + 1], sigma[i : i + 1], cond[i : i + 1])
+            torch.testing.assert_close(painted[i : i + 1], alone(*one), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(guided[i : i + 1], Guided(alone, 3.0)(*one), rtol=1e-5, atol=1e-5)

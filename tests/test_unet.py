@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import random_cond, randomize
+from conftest import absent_filled, random_cond, randomize
 from ediffi.conditioning import empty_cond
 from ediffi.presets import (
     PRESETS,
@@ -289,3 +289,42 @@ def test_channels_last_trains_like_the_default_layout(tmp_path):
         assert torch.equal(a, b)
     ema.load(ema.state_dict(), 1)  # a resume: the restored average keeps the model's layout
     assert ema.state_dict()["conv_in.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("tiny", {}),  # pooled text on, pooled T5 off
+        ("tiny", {"pooled_text": False}),  # both off
+        ("tiny32", {}),  # both on, attention pooling, patches, output head
+        ("tiny32", {"pooled_text": False}),  # pooled T5 only
+        ("tiny_sr", {}),  # super-resolution
+    ],
+)
+def test_masked_out_values_never_reach_the_output_or_the_statistics(name, overrides):
+    cfg = get_preset(name, **overrides)
+    D = randomize(build_denoiser(cfg), seed=8, std=0.3)
+    R = cfg.img_resolution
+    x, s = torch.randn(3, 3, R, R, generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 2.0, 9.0])
+    cond = random_cond(cfg.cond, 3)  # row 0: everything; row 1: no T5, no image; row 2: no CLIP text
+    cond = cond.drop("t5", torch.tensor([True, False, True])).drop("clip_image", torch.tensor([True, False, True]))
+    cond = cond.drop("clip_text", torch.tensor([True, True, False]))
+    if cfg.sr:
+        cond.lowres, cond.aug_sigma = torch.randn(3, 3, R // 2, R // 2), torch.tensor([0.0, 0.1, 0.3])
+    junk = absent_filled(cond)
+    assert all(
+        (getattr(junk, k) - getattr(cond, k)).abs().max() > 1e3 for k in ("t5", "clip", "clip_pooled", "clip_image")
+    )
+    twin = build_denoiser(cfg)
+    twin.load_state_dict(D.state_dict())
+    D.train(), twin.train()  # training mode: the pooled-T5 statistics update from present rows only
+    with torch.no_grad():
+        gap = (twin(x, s, junk) - D(x, s, cond)).abs().amax(dim=(1, 2, 3)).tolist()  # per row
+    assert gap == [0.0] * 3, gap
+    assert int(getattr(D.net, "t5_updates", -1)) == (1 if cfg.pooled_t5 else -1)  # the statistics did update
+    for (k, a), b in zip(D.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    D.eval()
+    with torch.no_grad():
+        gap = (D(x, s, junk) - D(x, s, cond)).abs().amax(dim=(1, 2, 3)).tolist()
+    assert gap == [0.0] * 3, gap
