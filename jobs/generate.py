@@ -7,7 +7,6 @@ ray job submit --working-dir . -- python jobs/generate.py --config CONFIG --prom
 
 import sys
 
-from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import job_config, run_job
 from ediffi_platform.generate import GenerateConfig, run_generate
 
@@ -22,12 +21,7 @@ def main(argv=None) -> int:
                 return 2
             argv[i : i + 2] = [f"{key}={argv[i + 1]}"]
     cfg = job_config(GenerateConfig, argv, __doc__)
-
-    def body():
-        ensure_ray(cfg.ray_address)
-        run_generate(cfg)
-
-    return run_job(body)
+    return run_job(lambda: run_generate(cfg))  # prompts and model are checked before Ray starts
 
 
 if __name__ == "__main__":

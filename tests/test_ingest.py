@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ediffi_platform.ingest import ImageFilter, InputConfig, check_schema, decode_image, list_shards
+from ediffi_platform.ingest import ImageFilter, InputConfig, check_schema, decode_batch, decode_image, list_shards
 
 F = ImageFilter(resolution=32, min_size=16, max_aspect=2.0)
 
@@ -114,6 +114,14 @@ def test_schema_errors_name_file_and_column(tmp_path):
     (tmp_path / "junk.parquet").write_bytes(b"nope")
     with pytest.raises(ValueError, match=r"junk\.parquet: not a readable Parquet file"):
         check_schema(str(tmp_path / "junk.parquet"), InputConfig(path=str(tmp_path)))
+
+
+def test_captions_are_normalised_and_counted_before_the_empty_check():
+    caps = ["\ufeffa red\x00 circle\tat\r\nleft", "赤い丸 🔴 دائرة", "\x00\u202e \u2066", None]
+    table = pa.table({"key": list("abcd"), "jpg": pa.array([img_bytes()] * 4, pa.binary()), "caption": caps})
+    out = decode_batch(table, InputConfig(), F, "s").to_pydict()
+    assert out["caption"][:2] == ["a red circle at left", caps[1]] and out["normalized"] == [True, False, True, False]
+    assert out["drop_reason"] == ["", "", "empty_caption", "empty_caption"]
 
 
 def test_listing_inputs(tmp_path):

@@ -27,8 +27,8 @@ def _jpeg(w, h):
 
 
 BAD_ROWS = [  # (key, caption, image bytes, expected fate)
-    ("bad0", "a fine green picture", _jpeg(64, 64), "written"),
-    ("bad1", "", _jpeg(64, 64), "empty_caption"),
+    ("bad0", "\ufeffa fine\tgreen\x00 picture", _jpeg(64, 64), "written"),  # its caption normalised
+    ("bad1", "\x00\u202e ", _jpeg(64, 64), "empty_caption"),  # empty once normalised
     ("bad2", None, _jpeg(64, 64), "empty_caption"),
     ("bad3", "corrupt", b"\xff\xd8\xff\xe0garbage", "decode_error"),
     ("bad4", "truncated", _jpeg(300, 300)[:400], "decode_error"),
@@ -84,11 +84,12 @@ def test_synthetic_and_bad_rows_to_embedding_shards(tmp_path):
         "bad_aspect": 1,
         "too_large": 0,
     }
-    assert t["decoded"] == 129 - 2 - 3 - 1
+    assert t["decoded"] == 129 - 2 - 3 - 1 and t["normalized_captions"] == 1
     assert m["shards"]["zz_bad"]["written"] == 1 and m["shards"]["00000"]["written"] == 40
     assert m["meta"]["spec"]["t5_dim"] == 32 and m["meta"]["resolution"] == 32
     keys = _written_keys(tmp_path / "out")
     assert len(keys) == len(set(keys)) == 121 and "bad0" in keys and "bad1" not in keys
+    assert pq.read_table(str(tmp_path / "out" / "zz_bad")).column("caption").to_pylist() == ["a fine green picture"]
 
     # Parity: stored embeddings are the encoder's output for that caption and image (fp16).
     files, meta = shard_files(str(tmp_path / "out"))

@@ -48,7 +48,9 @@ def test_sr_training_draws_augmentation_levels_and_learns_to_use_them():
     sr = SRConfig(lowres=16, aug_sigma_max=0.4)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
-        train_step(D, opt, [(x0, random_cond(cfg.cond, 8))], dropout=DropoutConfig(0, 0, 0, joint=0), generator=g, sr=sr)
+        train_step(
+            D, opt, [(x0, random_cond(cfg.cond, 8))], dropout=DropoutConfig(0, 0, 0, joint=0), generator=g, sr=sr
+        )
     levels = torch.cat([a for _, a in D.seen])
     assert levels.min() >= 0 and levels.max() <= 0.4 and levels.std() > 0.05  # drawn per sample
     lowres = D.seen[0][0]

@@ -22,6 +22,7 @@ from safetensors.torch import save
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi_platform.ingest import ImageFilter, InputConfig, decode_image, list_shards
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem
+from ediffi_platform.text import clean_text
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ def read_pairs(cfg: ClipFitConfig, resolution: int) -> tuple[torch.Tensor, list[
     for shard in list_shards(cfg.input.path, cfg.storage):
         table = pq.read_table(shard, filesystem=afs, columns=[cfg.input.image_column, cfg.input.caption_column])
         for data, text in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
+            text = clean_text(text or "")  # as training encodes it (text.py)
             img, why = decode_image(data, filt)
-            why = why or (None if isinstance(text, str) and text.strip() else "missing_caption")
+            why = why or (None if text else "missing_caption")
             if why:
                 skipped[why] = skipped.get(why, 0) + 1
                 continue

@@ -29,12 +29,14 @@ from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi.pipeline import SamplerConfig, check_compatible, grid, sample, to_uint8
 from ediffi.presets import memory_format
 from ediffi.sr import Stage, cascade
+from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import JobFailed, from_dict, to_dict
-from ediffi_platform.prompts import Request, read_prompts
+from ediffi_platform.prompts import MAX_IMAGES_PER_ROW, RANGES, Request, read_prompts, require_prompts
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join, write_json
 from ediffi_platform.tracking import Tracker, TrackingConfig, check_reachable, flatten, resolve
 
 IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
+AUTO_SEED_MAX = 2**62  # cfg.seed: seed + 1000 * line + k stays in int64 for any file under 4e15 lines
 METADATA = "metadata"
 SUMMARY = "summary.json"
 
@@ -65,7 +67,7 @@ class GenerateConfig:
     sr_stages: tuple[SRStageConfig, ...] = ()  # the cascade after the base model: text -> base -> SR -> SR
     images_per_prompt: int = 1  # images per row (a .jsonl/.csv row's `images` overrides)
     paint_strength: float = 0.5  # paint-with-words w' for rows with masks (a row's `paint_strength` overrides)
-    seed: int = 0  # a row without a seed uses seed + 1000 * line; its image k uses that + k
+    seed: int = 0  # 0..2**62; a row without a seed uses seed + 1000 * line; its image k uses that + k
     prompt_column: str = "prompt"  # the prompt column of .csv / .parquet files
     on_bad_row: str = "skip"  # skip (report and count) or fail
     image_format: str = "png"  # png or webp
@@ -89,6 +91,13 @@ class GenerateConfig:
         for k in ("batch_size", "concurrency", "images_per_prompt"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.images_per_prompt > MAX_IMAGES_PER_ROW:
+            raise ValueError(f"images_per_prompt must be <= {MAX_IMAGES_PER_ROW}, got {self.images_per_prompt}")
+        if not 0 <= self.seed <= AUTO_SEED_MAX:
+            raise ValueError(f"seed must be in 0..2**62, got {self.seed}")
+        lo, hi = RANGES["paint_strength"]
+        if not lo <= self.paint_strength <= hi:  # NaN fails too
+            raise ValueError(f"paint_strength must be in {lo}..{hi}, got {self.paint_strength}")
         memory_format(self.memory_format, "cpu")
 
 
@@ -166,7 +175,9 @@ def model_id(uri: str, storage: StorageConfig) -> str:
 
 
 def expand(requests: list[Request], cfg: GenerateConfig, mid: str) -> list[dict]:
-    """One row per image with its resolved settings and stable id."""
+    """One row per image with its resolved settings and stable id. A row's user id (`prompt_id`)
+    enters the hash when it has one: rows that differ only by id are distinct images, each findable
+    by its id; rows without an id keep the hash they always had."""
     rows = []
     for r in requests:
         base = r.seed if r.seed is not None else cfg.seed + 1000 * r.line
@@ -184,9 +195,10 @@ def expand(requests: list[Request], cfg: GenerateConfig, mid: str) -> list[dict]
                 if masks
                 else 0.0,
                 "line": r.line,
+                "prompt_id": r.id or "",
             }
             keys = ("prompt", "seed", "steps", "guidance", "sampler", "style", "masks", "paint_strength")
-            key = json.dumps([row[k] for k in keys] + [mid])
+            key = json.dumps([row[k] for k in keys] + [mid] + ([r.id] if r.id else []))
             row["id"] = hashlib.sha1(key.encode()).hexdigest()[:20]
             rows.append(row)
     return rows
@@ -325,6 +337,7 @@ class ImageGenerator:
         per = (t3 - t0) / len(rows)
         meta = {
             "id": [r["id"] for r in rows],
+            "prompt_id": pa.array([r["prompt_id"] for r in rows], pa.string()),  # the user's id ("" = none)
             "prompt": [r["prompt"] for r in rows],
             "line": [r["line"] for r in rows],
             "seed": [r["seed"] for r in rows],
@@ -399,7 +412,8 @@ class ImageGenerator:
 
 
 def run_generate(cfg: GenerateConfig, progress=print) -> dict:
-    """Run the job (Ray must be initialised); returns the summary it writes to {out}/summary.json."""
+    """Check the inputs, then attach to Ray (ensure_ray: none is started for input that cannot work)
+    and run the job; returns the summary it writes to {out}/summary.json."""
     t_start = time.time()
     # 1. Everything checkable before any actor starts: prompts, model, encoders, tracking.
     requests, pstats = read_prompts(cfg.prompts, cfg.storage, cfg.prompt_column, cfg.on_bad_row)
@@ -407,6 +421,7 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
         progress(f"generate: {cfg.prompts}: line {line}: {reason} (skipped)")
     if len(pstats.bad) > 20:
         progress(f"generate: ... and {len(pstats.bad) - 20} more bad rows")
+    require_prompts(cfg.prompts, requests, pstats)  # nothing valid: fail now, with the reasons
     model = resolve_model(cfg.model, cfg.storage)
     sr_models = tuple(resolve_model(st.model, cfg.storage) for st in cfg.sr_stages)
     mid = model_id(model, cfg.storage)
@@ -427,6 +442,7 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
             progress(f"generate: {cfg.prompts}: line {r.line}: {reason} (skipped)")
             pstats.bad.append((r.line, reason))
             requests = [q for q in requests if q is not r]
+    require_prompts(cfg.prompts, requests, pstats)
     tracking = resolve(cfg.tracking)
     reason = check_reachable(tracking)
     if reason:
@@ -434,6 +450,7 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
 
         warnings.warn(f"MLflow at {tracking.uri} is unreachable ({reason}); generating untracked", stacklevel=2)
         tracking = replace(tracking, enabled=False)
+    ensure_ray(cfg.ray_address)
 
     # 2. Rows, minus what an earlier run wrote.
     rows = expand(requests, cfg, mid)
@@ -441,9 +458,11 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     done = done_ids(cfg) & set(unique)
     todo = [r for i, r in unique.items() if i not in done]
     progress(
-        f"generate: {len(requests)} prompts ({pstats.rows} rows, {len(pstats.bad)} bad, {pstats.blank} blank) -> "
-        f"{len(unique)} images; {len(done)} already written, {len(todo)} to do"
+        f"generate: {len(requests)} prompts ({pstats.rows} rows, {len(pstats.bad)} bad, {pstats.blank} blank, "
+        f"{pstats.normalized} normalised) -> {len(unique)} images; {len(done)} already written, {len(todo)} to do"
     )
+    if pstats.duplicate_ids:
+        progress(f"generate: {pstats.duplicate_ids} ids name more than one row (each row keeps its own images)")
     # 3. Generate.
     run: dict = {"images": 0, "truncated_prompts": 0}
     if todo:
@@ -547,6 +566,8 @@ def _finish(cfg, unique: dict, pstats, run: dict, mid: str, model: str, seconds:
         "rows": pstats.rows,
         "bad_rows": [{"line": n, "reason": r} for n, r in pstats.bad],
         "blank_lines": pstats.blank,
+        "normalized_prompts": pstats.normalized,  # valid rows whose text normalisation changed (text.py)
+        "duplicate_ids": pstats.duplicate_ids,
         "images_requested": len(unique),
         "images_total": len(counts),
         "generated_now": run["images"],

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem
+from ediffi_platform.text import clean_text, was_cleaned
 
 DROP_REASONS = (
     "empty_caption",
@@ -154,13 +155,15 @@ def read_and_decode(
 
 
 def decode_batch(table: pa.Table, cfg: InputConfig, filt: ImageFilter, shard: str) -> pa.Table:
-    """Decode a batch of one shard; every input row comes out, dropped ones with a reason."""
+    """Decode a batch of one shard; every input row comes out, dropped ones with a reason, captions
+    normalised (text.clean_text; `normalized` marks those it changed) before the empty check."""
     keys = table.column(cfg.key_column).to_pylist()
-    captions = table.column(cfg.caption_column).to_pylist()
+    raw = table.column(cfg.caption_column).to_pylist()
+    captions = [clean_text(c or "") for c in raw]
     blobs = table.column(cfg.image_column).to_pylist()
     images, reasons = [], []
     for cap, blob in zip(captions, blobs, strict=True):
-        if cap is None or not cap.strip():
+        if not cap:
             img, why = None, "empty_caption"
         else:
             img, why = decode_image(blob, filt)
@@ -168,7 +171,8 @@ def decode_batch(table: pa.Table, cfg: InputConfig, filt: ImageFilter, shard: st
         reasons.append(why or "")
     out = {
         "key": pa.array(keys, pa.string()),
-        "caption": pa.array([c or "" for c in captions], pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        "normalized": pa.array([was_cleaned(r or "", c) for r, c in zip(raw, captions, strict=True)], pa.bool_()),
         "image": pa.array(images, pa.large_binary()),
         "drop_reason": pa.array(reasons, pa.string()),
         "shard": pa.array([shard] * table.num_rows, pa.string()),

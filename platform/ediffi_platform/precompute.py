@@ -116,6 +116,7 @@ class Embedder:
         # Pass the batch's bookkeeping on to the writer alongside the kept rows.
         kept = kept.append_column("shard", batch.column("shard").take(idx))
         kept = kept.append_column("truncated", pa.array(truncated, pa.bool_()))
+        kept = kept.append_column("normalized", batch.column("normalized").take(idx))
         dropped = batch.filter(pa.array(~keep)).select(["key", "shard", "drop_reason"])
         packed = _pack(kept, dropped)
         return packed.append_column("ready", pa.array([self.ready] * packed.num_rows, pa.float64()))
@@ -140,11 +141,11 @@ def write_parts(batch: pa.Table, output: str, storage: StorageConfig) -> pa.Tabl
     fs, root = filesystem(output, storage)
     afs = arrow_filesystem(fs)
     meta_schema = batch.schema
-    stats = {"shard": [], "rows": [], "written": [], "truncated": [], "dropped": [], "ready": []}
+    stats = {"shard": [], "rows": [], "written": [], "truncated": [], "normalized": [], "dropped": [], "ready": []}
     for shard in sorted(set(batch.column("shard").to_pylist())):
         rows = batch.filter(pa.compute.equal(batch.column("shard"), shard))
         ok = pa.compute.equal(rows.column("drop_reason"), "")
-        kept = rows.filter(ok).drop_columns(["shard", "drop_reason", "truncated", "ready"])
+        kept = rows.filter(ok).drop_columns(["shard", "drop_reason", "truncated", "normalized", "ready"])
         reasons = Counter(rows.filter(pa.compute.invert(ok)).column("drop_reason").to_pylist())
         if kept.num_rows:
             digest = hashlib.sha1("\n".join(rows.column("key").to_pylist()).encode()).hexdigest()[:16]
@@ -155,6 +156,7 @@ def write_parts(batch: pa.Table, output: str, storage: StorageConfig) -> pa.Tabl
         stats["rows"].append(rows.num_rows)
         stats["written"].append(kept.num_rows)
         stats["truncated"].append(int(pa.compute.sum(rows.filter(ok).column("truncated")).as_py() or 0))
+        stats["normalized"].append(int(pa.compute.sum(rows.filter(ok).column("normalized")).as_py() or 0))
         stats["dropped"].append(json.dumps(dict(reasons)))
         stats["ready"].append(pa.compute.min(rows.column("ready")).as_py())
     return pa.table(stats)
@@ -166,6 +168,7 @@ def _empty_stats() -> dict:
         "decoded": 0,
         "written": 0,
         "truncated_prompts": 0,
+        "normalized_captions": 0,  # written rows whose caption text.clean_text changed
         "dropped": dict.fromkeys(DROP_REASONS, 0),
     }
 
@@ -221,6 +224,7 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
             s["rows_read"] += row["rows"]
             s["written"] += row["written"]
             s["truncated_prompts"] += row["truncated"]
+            s["normalized_captions"] += row["normalized"]
             for reason, n in json.loads(row["dropped"]).items():
                 s["dropped"][reason] += n
             if s["rows_read"] == expected[row["shard"]]:
@@ -230,7 +234,8 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
                 write_json(out_fs, join(out_root, row["shard"], SUCCESS), s)
                 done.add(row["shard"])
                 progress(
-                    f"precompute: shard {row['shard']} done ({s['written']}/{s['rows_read']} rows kept); "
+                    f"precompute: shard {row['shard']} done ({s['written']}/{s['rows_read']} rows kept, "
+                    f"{s['normalized_captions']} captions normalised); "
                     f"{len(done)}/{len(shards)} shards, {time.time() - t0:.0f}s"
                 )
         missing = sorted(set(expected) - done)
@@ -276,8 +281,8 @@ def _write_manifest(fs, root: str, cfg: PrecomputeConfig, names: list[str], run:
     per_shard = {n: read_json(fs, join(root, n, SUCCESS)) for n in names}
     totals = _empty_stats()
     for s in per_shard.values():
-        for k in ("rows_read", "decoded", "written", "truncated_prompts"):
-            totals[k] += s[k]
+        for k in ("rows_read", "decoded", "written", "truncated_prompts", "normalized_captions"):
+            totals[k] += s.get(k, 0)  # shards done before captions were normalised have no count
         for r, n in s["dropped"].items():
             totals["dropped"][r] = totals["dropped"].get(r, 0) + n
     doc = {
@@ -295,6 +300,7 @@ def _write_manifest(fs, root: str, cfg: PrecomputeConfig, names: list[str], run:
     write_json(fs, join(root, MANIFEST), doc)
     progress(
         f"precompute: {totals['written']}/{totals['rows_read']} rows written, dropped {totals['dropped']}, "
+        f"{totals['normalized_captions']} captions normalised, "
         f"manifest {join(cfg.output, MANIFEST)}"
     )
     return doc
