@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ediffi.conditioning import Cond, DropoutConfig, drop_embeddings
+from ediffi.distributed import micro_batch
 from ediffi.edm import NoiseDistribution, edm_loss
 from ediffi.sr import SRConfig, training_condition
 
@@ -31,6 +33,13 @@ def autocast_for(device: torch.device | str, dtype: str) -> contextlib.AbstractC
     return torch.autocast(kind, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The random seed of one optimiser step on one rank: a pure function of (seed, rank, step), so a
+    run resumed from a checkpoint draws exactly what the uninterrupted run drew."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch generator takes it
+
+
 def train_step(
     D: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -44,16 +53,17 @@ def train_step(
 ) -> StepResult:
     """One optimiser step over micro-batches (gradient accumulation): drop embeddings (SR stages:
     attach the degraded, noise-augmented low-resolution image), EDM loss under autocast,
-    backpropagate, clip, step."""
+    backpropagate (a DDP or FSDP2 model syncs gradients on the last micro-batch only), clip, step."""
     optimizer.zero_grad(set_to_none=True)
     losses, sigmas = [], []
-    for x0, cond in batches:
+    for i, (x0, cond) in enumerate(batches):
         cond = drop_embeddings(cond, dropout, generator)
         if sr is not None:
             cond = training_condition(cond, x0, sr, generator)
-        with autocast_for(x0.device, dtype):
-            per_sample, sigma = edm_loss(D, x0, cond, noise, generator)
-        (per_sample.mean() / len(batches)).backward()
+        with micro_batch(D, i, len(batches)):  # data-parallel: gradients communicated at the last only
+            with autocast_for(x0.device, dtype):
+                per_sample, sigma = edm_loss(D, x0, cond, noise, generator)
+            (per_sample.mean() / len(batches)).backward()
         losses.append(per_sample.detach())
         sigmas.append(sigma)
     grad_norm = torch.nn.utils.clip_grad_norm_(D.parameters(), grad_clip) if grad_clip else None

@@ -1,8 +1,12 @@
 """FSDP2 on CPU (gloo, 2 processes): a sharded step equals the single-process step; full state
-(weights, EMA, optimizer) gathers, saves and restores into a sharded model."""
+(weights, EMA, optimizer) gathers, saves and restores into a sharded model. DDP and FSDP2 alike:
+accumulated micro-batches communicate gradients once, and running-statistics buffers agree."""
 
+import json
 import os
 import socket
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from ediffi.distributed import full_model_state, full_optimizer_state, load_opti
 from ediffi.edm import NoiseDistribution, edm_loss
 from ediffi.ema import EMA
 from ediffi.presets import build_denoiser, get_preset
+from ediffi.training import train_step
 
 
 def _batch(rank: int):
@@ -28,9 +33,9 @@ def _loss(D, rank: int) -> torch.Tensor:
     return edm_loss(D, x, cond, NoiseDistribution(), torch.Generator().manual_seed(rank))[0].mean()
 
 
-def _fresh():
+def _fresh(cfg=None):
     torch.manual_seed(0)
-    D = build_denoiser(get_preset("tiny"))
+    D = build_denoiser(cfg or get_preset("tiny"))
     with torch.no_grad():  # zero-initialised output layers would leave most gradients at zero
         for p in D.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -103,3 +108,80 @@ def test_fsdp2_steps_and_checkpoint_round_trip_match_one_process(tmp_path):
         assert moved > 100  # the step changed (nearly) every tensor, so the comparison means something
     osd = read_optimizer_state(tmp_path)
     assert "net.enc.0.weight" in osd["state"] or any(k.startswith("net.") for k in osd["state"])
+
+
+def _wrap(D, strategy: str):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(D) if strategy == "ddp" else shard_denoiser(D, "cpu")
+
+
+def _accumulated_step(model, D, rank: int) -> list[bool]:
+    """One train_step over two micro-batches; per forward, whether gradients were already
+    communicated in this step (DDP: a comm-hook call; FSDP2: a reduce-scatter)."""
+    calls, reduce_scatter = [], dist.reduce_scatter_single
+    if hasattr(model, "register_comm_hook"):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        model.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket))
+    else:  # FSDP2 reduces each group's gradients with dist.reduce_scatter_single
+        dist.reduce_scatter_single = lambda *a, **kw: calls.append(1) or reduce_scatter(*a, **kw)
+    communicated = []
+    D.net.register_forward_pre_hook(lambda *_: communicated.append(bool(calls)))
+    batches = [_batch(rank + 2 * i) for i in range(2)]  # different data on each rank and micro-batch
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    try:
+        train_step(model, opt, batches, grad_clip=None, generator=torch.Generator().manual_seed(rank))
+    finally:
+        dist.reduce_scatter_single = reduce_scatter
+    assert calls or model is D  # a data-parallel step did communicate
+    return communicated
+
+
+def _accum_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        for strategy in ("ddp", "fsdp"):
+            # The expected gradient: each rank's accumulated one, averaged over ranks.
+            ref = _fresh()
+            _accumulated_step(ref, ref, rank)
+            want = [p.grad.clone() for p in ref.parameters()]
+            for g in want:
+                dist.all_reduce(g, op=dist.ReduceOp.AVG)
+            D = _fresh()
+            communicated = _accumulated_step(_wrap(D, strategy), D, rank)
+            got = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in D.parameters()]
+            err = max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+            # Running statistics (pooled-T5 standardisation): what every forward saw, on each rank.
+            P = _fresh(replace(get_preset("tiny"), pooled_t5=True))
+            model, seen = _wrap(P, strategy), []
+            P.net.register_forward_pre_hook(lambda m, _, seen=seen: seen.append(m.t5_mean.clone()))
+            _accumulated_step(model, P, rank)
+            both = [None, None]
+            dist.all_gather_object(both, seen)
+            results[strategy] = {
+                "communicated_before_forward": communicated,
+                "grad_err": err,
+                "grad_max": max(g.abs().max().item() for g in want),
+                "buffers_agree": [torch.equal(a, b) for a, b in zip(*both, strict=True)],
+                "buffers_moved": not torch.equal(seen[-1], seen[0]),
+            }
+        if rank == 0:
+            (Path(out) / "accum.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
+def test_accumulated_micro_batches_sync_once_and_buffers_agree_under_ddp_and_fsdp2(tmp_path):
+    mp.spawn(_accum_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    results = json.loads((tmp_path / "accum.json").read_text())
+    # Per strategy: gradients communicated before each micro-batch's forward (none before the last),
+    # and whether both ranks' forwards saw the same statistics (rank 0's, as DDP broadcasts them).
+    seen = {s: (r["communicated_before_forward"], r["buffers_agree"]) for s, r in results.items()}
+    assert seen == {s: ([False, False], [True, True]) for s in ("ddp", "fsdp")}, results
+    for r in results.values():
+        assert r["grad_err"] < 1e-5 * r["grad_max"] and r["buffers_moved"], results  # the average, all the same

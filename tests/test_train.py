@@ -1,6 +1,7 @@
 """Ray Train on a local 2-CPU cluster: loss falls, checkpoints load without Ray, faults, resume, MLflow."""
 
 import math
+import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -10,13 +11,22 @@ import pytest
 import torch
 
 from conftest import embeddings
-from ediffi.checkpoint import load_checkpoint
+from ediffi.checkpoint import load_checkpoint, read_weights
 from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution, edm_loss
 from ediffi.presets import build_denoiser, get_preset
-from ediffi_platform.reader import iter_batches
+from ediffi_platform.config import to_dict
+from ediffi_platform.reader import iter_batches, ray_dataset
 from ediffi_platform.tracking import TrackingConfig
-from ediffi_platform.train import OptimConfig, TrainConfig, fail_marker, run_training
+from ediffi_platform.train import (
+    OptimConfig,
+    TrainConfig,
+    fail_marker,
+    latest_checkpoint,
+    run_training,
+    train_loop_per_worker,
+    validate_training,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -104,6 +114,65 @@ def test_stopped_job_resumes_from_its_s3_checkpoint_under_fsdp2(emb, tmp_path, s
     with torch.no_grad():
         D, meta = load_checkpoint(tmp_path / "local")  # gathered full weights, loadable without Ray
         assert meta["step"] == 20 and _dataset_loss(D, emb) < 1.5 * min(losses)
+
+
+class _OneWorker:
+    """Ray Train's session faked for one worker in this process, so the real training loop runs
+    without a fit (~30 s each): rank 0 of 1, the dataset as its shard, reported checkpoints copied
+    to {output}/{name}/checkpoint_<step> as Ray would store them."""
+
+    def __init__(self, monkeypatch):
+        import ray.train
+        import ray.train.torch
+
+        context = type("Context", (), {"get_world_rank": lambda _: 0, "get_world_size": lambda _: 1})()
+        monkeypatch.setattr(ray.train, "get_context", lambda: context)
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+        monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: self.shard)
+        monkeypatch.setattr(ray.train, "report", self.report)
+        monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+        monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **_: model)
+
+    def report(self, metrics, checkpoint=None):
+        if checkpoint is not None:
+            shutil.copytree(checkpoint.path, Path(self.cfg.output, self.cfg.name, f"checkpoint_{metrics['step']:06d}"))
+
+    def fit(self, cfg: TrainConfig) -> dict[str, dict[str, torch.Tensor]]:
+        """Train (resuming from the run's latest checkpoint); the weights and EMA it ends with."""
+        self.cfg, self.shard = cfg, ray_dataset(cfg.data)[0]
+        config = {"cfg": to_dict(cfg), "meta": validate_training(cfg), "run_id": None}
+        assert train_loop_per_worker(config)["step"] == cfg.steps
+        folder = Path(latest_checkpoint(str(Path(cfg.output, cfg.name)))[0])
+        return {f: read_weights(folder / f"{f}.safetensors") for f in ("model", "ema")}
+
+
+def test_an_interrupted_run_resumes_exactly_where_it_stopped(emb, tmp_path, monkeypatch):
+    # 24 micro-batches an epoch, 2 a step: the stops at steps 5 and 15 both fall inside an epoch,
+    # the second after the epoch cache was filled; shuffled data, dropout and noise all draw randoms.
+    worker = _OneWorker(monkeypatch)
+    cfg = _cfg(
+        emb,
+        tmp_path,
+        steps=20,
+        num_workers=1,
+        batch_size=16,
+        optim=OptimConfig(lr=2e-3, warmup_steps=5, grad_accum=2),
+        dropout=DropoutConfig(0.2, 0.2, 0.2),
+        checkpoint_every=100,
+        sample_images=0,
+        tracking=TrackingConfig(enabled=False),
+        threads_per_worker=torch.get_num_threads(),
+    )
+    whole = worker.fit(replace(cfg, name="whole"))
+    for steps in (5, 15, 20):
+        parts = worker.fit(replace(cfg, name="parts", steps=steps))
+    torch.manual_seed(cfg.seed)
+    initial = build_denoiser(get_preset("tiny")).net.state_dict()
+    for f in ("model", "ema"):
+        assert set(parts[f]) == set(whole[f])
+        for k, v in whole[f].items():
+            torch.testing.assert_close(parts[f][k], v, rtol=0, atol=1e-6, msg=f"{f} {k}")
+    assert sum(not torch.equal(v, initial[k]) for k, v in whole["model"].items()) > 100  # it did train
 
 
 def test_bad_setups_fail_before_workers_start(emb, tmp_path):

@@ -2,7 +2,9 @@
 
 `train_loop_per_worker` only wires Ray (data shard, DDP, reporting); the step itself is
 `ediffi.training.train_step`. Checkpoints are ediffi checkpoint directories (weights, EMA,
-optimizer, step, RNG, data position) under `{output}/{name}/`, loadable without Ray.
+optimizer, step, RNG, data position) under `{output}/{name}/`, loadable without Ray. A resumed run
+repeats the uninterrupted one: each step's randomness is seeded from (seed, rank, step) and an
+epoch's data order from (seed, epoch) (see `EpochCache`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ediffi.ema import EMA
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
 from ediffi.presets import PRESETS, build_denoiser, get_preset, memory_format
 from ediffi.sr import SRConfig, augment, degrade
-from ediffi.training import train_step
+from ediffi.training import step_seed, train_step
 from ediffi_platform.config import from_dict, to_dict
 from ediffi_platform.reader import EpochCache, ray_dataset, shard_files
 from ediffi_platform.shards import check_compatible
@@ -95,7 +97,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (the last step is always saved)
     log_every: int = 10  # steps between metric logs
     shuffle_buffer: int = 256  # local shuffle buffer (rows)
-    cache_mb: float = 512  # a worker keeps its data shard in memory after the first epoch if it fits (0 = stream)
+    cache_mb: float = 512  # a worker holds its data shard in memory if it fits; epochs permute it (0 = stream)
     seed: int = 0  # base seed (per-worker seeds derive from it)
     output: str = "runs"  # storage root for checkpoints (folder or s3://)
     name: str = "base"  # run name: checkpoints go to {output}/{name}/
@@ -220,10 +222,9 @@ def train_loop_per_worker(config: dict) -> dict:
         ema.load(restore[0], state.get("ema_updates", state["step"]))
         if restore[1] is not None:
             load_optimizer_state(model, opt, restore[1])
-    torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
     tracker = Tracker(cfg.tracking, run_id=state.get("mlflow_run_id")) if rank == 0 else None
     noise = cfg.noise()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7 + rank + 104729 * state["step"])
+    gen = torch.Generator(device=device)  # re-seeded every step: a resumed run draws what the uninterrupted one did
     meta = config["meta"]
     shard = ray.train.get_dataset_shard("train")
     cache = EpochCache(cfg.cache_mb, agree=lambda fits: _all_workers(fits, device) if world > 1 else fits)
@@ -245,6 +246,9 @@ def train_loop_per_worker(config: dict) -> dict:
                 continue
             for g in opt.param_groups:
                 g["lr"] = cfg.optim.lr * min(1.0, (state["step"] + 1) / max(1, cfg.optim.warmup_steps))
+            seed = step_seed(cfg.seed, rank, state["step"])
+            torch.manual_seed(seed)  # the network's dropout
+            gen.manual_seed(seed)  # noise levels, noise, embedding dropout, SR augmentation
             res = train_step(
                 model,
                 opt,
