@@ -342,8 +342,9 @@ class UNet(nn.Module):
         return nn.ModuleList(blocks)
 
     def context(self, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projected cross-attention sequence and its key-padding mask (True = attend)."""
-        B, cond = len(cond), cond.present_values()
+        """The projected cross-attention sequence and its key-padding mask (True = attend); `cond` as
+        `forward` passes it, masked-out values zeroed (`Cond.present_values`)."""
+        B = len(cond)
         ctx = torch.cat(
             [
                 self.null_token.expand(B, -1, -1).to(cond.t5.dtype),
@@ -360,8 +361,8 @@ class UNet(nn.Module):
     def embedding(
         self, c_noise: torch.Tensor, cond: Cond, ctx: torch.Tensor | None = None, ctx_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The per-sample embedding vector fed to every residual block (ctx: `context(cond)`, if known)."""
-        cond = cond.present_values()
+        """The per-sample embedding vector fed to every residual block (ctx: `context(cond)`, if known;
+        `cond` masked-out values zeroed, as `forward` passes it)."""
         emb = self.noise_mlp(self.noise_fourier(c_noise))
         emb = emb + self.image_proj(cond.clip_image)
         if self.cfg.pooled_text:
@@ -409,6 +410,7 @@ class UNet(nn.Module):
             x = torch.cat([x, lowres], dim=1)
         if self.cfg.patch_size > 1:
             x = F.pixel_unshuffle(x, self.cfg.patch_size)
+        cond = cond.present_values()  # the masks are authoritative: absent values read as zero, once
         ctx, ctx_mask = self.context(cond)
         emb = self.embedding(c_noise, cond, ctx, ctx_mask)
         h = self.conv_in(x)

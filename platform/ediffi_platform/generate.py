@@ -233,7 +233,7 @@ def check_requests(requests: list[Request], cfg: GenerateConfig, tokenizers) -> 
                     fs, p = filesystem(spec, cfg.storage)
                     if not fs.exists(p):
                         raise ValueError(f"mask image {spec!r} not found")
-                else:
+                elif isinstance(spec, str):  # a local mask image (rect / polygon shapes were checked when read)
                     rasterize(spec, 8)
         except ValueError as e:
             bad.append((r, str(e).removeprefix("paint-with-words: ")))
