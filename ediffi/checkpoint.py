@@ -1,7 +1,8 @@
 """Checkpoints: safetensors weights (+ EMA) and a JSON config that rebuilds the network.
 
 Layout of a checkpoint directory:
-    config.json        {"format", "version", "network": UNetConfig, "metadata": {...}}
+    config.json        {"format", "version", "network": UNetConfig, "metadata": {...},
+                        "weights": {file name: sha256 of its bytes}}
     model.safetensors  network weights
     ema.safetensors    EMA weights (optional)
 Loading never unpickles: a pickle or torch.save file in place of safetensors is refused.
@@ -9,6 +10,7 @@ Loading never unpickles: a pickle or torch.save file in place of safetensors is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -57,17 +59,30 @@ def save_checkpoint(
     """Write a checkpoint directory (the network as EDMPrecond, UNet, or a UNet state dict)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_state(model), str(path / MODEL_FILE))
-    if ema is not None:
-        save_file(_state(ema), str(path / EMA_FILE))
+    weights = {MODEL_FILE: model} if ema is None else {MODEL_FILE: model, EMA_FILE: ema}
+    for f, m in weights.items():
+        save_file(_state(m), str(path / f))
+    if ema is None:
+        (path / EMA_FILE).unlink(missing_ok=True)  # an older save's EMA is not these weights' EMA
     doc = {
         "format": FORMAT,
         "version": VERSION,
         "network": cfg.to_dict(),
         "metadata": metadata or {},
+        # What the weights are, readable from config.json alone: generation's image ids change with them.
+        "weights": {f: file_digest(path / f) for f in weights},
     }
     (path / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
     return path
+
+
+def file_digest(file: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_config(path: str | Path) -> tuple[UNetConfig, dict]:

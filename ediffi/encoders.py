@@ -119,6 +119,31 @@ def load_tokenizers(cfg: EncoderConfig, spec: CondSpec) -> Tokenizers:
     return Tokenizers(t5, open_clip.get_tokenizer(TINY_CLIP if cfg.clip == TINY else cfg.clip), spec)
 
 
+def encoder_spec(cfg: EncoderConfig) -> CondSpec | None:
+    """The conditioning shapes the encoders of `cfg` produce, read from their configs without
+    building them (None for a CLIP model open_clip knows only by building it, e.g. hf-hub:)."""
+    if cfg.t5 == TINY:
+        t5_dim = TINY_T5_DIM
+    else:
+        from transformers import AutoConfig
+
+        try:
+            t5_dim = AutoConfig.from_pretrained(cfg.t5).d_model
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"cannot read the config of T5 encoder {cfg.t5!r}: {e}") from None
+    clip = open_clip.get_model_config(TINY_CLIP if cfg.clip == TINY else cfg.clip)
+    if clip is None:
+        return None
+    text = clip.get("text_cfg", {})
+    return CondSpec(
+        t5_len=cfg.t5_len,
+        t5_dim=t5_dim,
+        clip_len=text.get("context_length", 77),
+        clip_dim=text.get("width", 512),
+        clip_embed_dim=clip["embed_dim"],
+    )
+
+
 class ConditioningEncoder(nn.Module):
     """Prompts (and optional images) -> Cond, following the schema; models loaded once."""
 
@@ -136,7 +161,8 @@ class ConditioningEncoder(nn.Module):
             raise ValueError(f"CLIP model {cfg.clip!r}: only BPE-tokenized CLIP models are supported")
         self.t5.to(dtype).eval().requires_grad_(False)
         self.clip.to(dtype).eval().requires_grad_(False)
-        self.image_size = self.clip.visual.image_size[0] if hasattr(self.clip.visual, "image_size") else 224
+        size = getattr(self.clip.visual, "image_size", 224)  # an int (ResNet towers) or a pair (ViTs)
+        self.image_size = size if isinstance(size, int) else size[0]
         self.spec = CondSpec(
             t5_len=cfg.t5_len,
             t5_dim=self.t5.config.d_model,

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ediffi.checkpoint import read_config
-from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_config
+from ediffi.encoders import ConditioningEncoder, EncoderConfig, encoder_spec
 from ediffi.pipeline import SamplerConfig, check_compatible, grid, sample, to_uint8
 from ediffi.presets import memory_format
 from ediffi.sr import Stage, cascade
@@ -164,20 +164,68 @@ def load_model(local: str, use_ema: bool, device: str, layout: str = "contiguous
     return D.to(memory_format=fmt), read_config(local)[0], meta
 
 
+def _expert_folder(manifest: str, checkpoint: str) -> str:
+    """A manifest entry's checkpoint folder as a filesystem path (entries are relative to the manifest)."""
+    if "://" in checkpoint or checkpoint.startswith("/"):
+        return checkpoint.split("://", 1)[-1]
+    return join(manifest.rsplit("/", 1)[0], checkpoint)
+
+
 def model_id(uri: str, storage: StorageConfig) -> str:
-    """A short content hash of the manifest or checkpoint config (changes when the model does)."""
+    """A short hash of what the model is: the manifest (if any) and every checkpoint's config.json,
+    whose weight digests change with the weights; a checkpoint saved before digests were recorded
+    has its weight files hashed here instead."""
     fs, p = filesystem(uri, storage)
-    with fs.open(p if _is_manifest(uri) else join(p, "config.json"), "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()[:12]
+    h = hashlib.sha1()
+    folders = [p]
+    if _is_manifest(uri):
+        doc = fs.cat(p)
+        h.update(doc)
+        try:
+            folders = [_expert_folder(p, e["checkpoint"]) for e in json.loads(doc)["experts"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{uri}: not a valid ensemble manifest ({e!r})") from None
+    for folder in folders:
+        config = fs.cat(join(folder, CONFIG_FILE))
+        h.update(config)
+        if "weights" not in json.loads(config):
+            for f in (MODEL_FILE, EMA_FILE):
+                if fs.exists(join(folder, f)):
+                    with fs.open(join(folder, f), "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+    return h.hexdigest()[:12]
 
 
 # --- rows: one per requested image ---------------------------------------------------------------
 
 
-def expand(requests: list[Request], cfg: GenerateConfig, mid: str) -> list[dict]:
-    """One row per image with its resolved settings and stable id. A row's user id (`prompt_id`)
-    enters the hash when it has one: rows that differ only by id are distinct images, each findable
-    by its id; rows without an id keep the hash they always had."""
+# GenerateConfig fields that cannot change an image's pixels, or that enter its id in another form.
+# Every other field is part of every image's id (image_settings), so a new field is covered unless
+# it is listed here.
+NOT_IN_IMAGE_ID = frozenset(
+    {
+        *("prompts", "prompt_column", "on_bad_row", "out", "grid_images", "tracking", "storage", "ray_address"),
+        *("model", "seed", "images_per_prompt", "paint_strength"),  # enter as the model's id, a row's seed / strength
+        *("batch_size", "concurrency", "num_gpus", "num_cpus", "threads_per_actor", "memory_format"),  # float rounding only
+        "fail_after",
+    }
+)
+
+
+def image_settings(cfg: GenerateConfig, encoders: dict, mid: str, sr_ids: tuple[str, ...] = ()) -> dict:
+    """The job-wide part of every image's id: each GenerateConfig field not in NOT_IN_IMAGE_ID, with
+    the encoders as they will run and each model (base, SR stages) by its content id."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_IMAGE_ID}
+    settings["encoders"] = encoders
+    settings["sr_stages"] = [{**st, "model": m} for st, m in zip(settings["sr_stages"], sr_ids, strict=True)]
+    settings["model"] = mid
+    return settings
+
+
+def expand(requests: list[Request], cfg: GenerateConfig, settings: dict) -> list[dict]:
+    """One row per image with its resolved settings and stable id: a hash of the row's own values
+    (prompt, seed, steps, guidance, style, masks, paint strength, user id) and the job's settings."""
     rows = []
     for r in requests:
         base = r.seed if r.seed is not None else cfg.seed + 1000 * r.line
@@ -197,8 +245,9 @@ def expand(requests: list[Request], cfg: GenerateConfig, mid: str) -> list[dict]
                 "line": r.line,
                 "prompt_id": r.id or "",
             }
-            keys = ("prompt", "seed", "steps", "guidance", "sampler", "style", "masks", "paint_strength")
-            key = json.dumps([row[k] for k in keys] + [mid] + ([r.id] if r.id else []))
+            own = {k: row[k] for k in ("prompt", "seed", "style", "masks", "paint_strength", "prompt_id")}
+            sampler = {**settings["sampler"], "steps": row["steps"], "guidance": row["guidance"]}
+            key = json.dumps({**settings, **own, "sampler": sampler}, sort_keys=True)
             row["id"] = hashlib.sha1(key.encode()).hexdigest()[:20]
             rows.append(row)
     return rows
@@ -425,12 +474,9 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     model = resolve_model(cfg.model, cfg.storage)
     sr_models = tuple(resolve_model(st.model, cfg.storage) for st in cfg.sr_stages)
     mid = model_id(model, cfg.storage)
-    if sr_models:  # the cascade is part of what makes an image: its stages go into the ids
-        parts = [mid] + [
-            f"{model_id(m, cfg.storage)}:{to_dict(st)}" for m, st in zip(sr_models, cfg.sr_stages, strict=True)
-        ]
-        mid = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    encoders = to_dict(cfg.encoders) if cfg.encoders else _model_encoders(model, cfg.storage)
+    encoders = job_encoders(cfg, model)
+    check_encoders(encoders, (model, *sr_models), cfg.storage)
+    settings = image_settings(cfg, encoders, mid, tuple(model_id(m, cfg.storage) for m in sr_models))
     if any(r.style or r.masks for r in requests):
         from ediffi.encoders import load_tokenizers
 
@@ -453,7 +499,7 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     ensure_ray(cfg.ray_address)
 
     # 2. Rows, minus what an earlier run wrote.
-    rows = expand(requests, cfg, mid)
+    rows = expand(requests, cfg, settings)
     unique = {r["id"]: r for r in rows}
     done = done_ids(cfg) & set(unique)
     todo = [r for i, r in unique.items() if i not in done]
@@ -521,13 +567,8 @@ def _model_config_doc(model: str, storage: StorageConfig) -> dict:
     """config.json of the model's (first) checkpoint."""
     fs, p = filesystem(model, storage)
     if _is_manifest(model):
-        doc = json.loads(fs.cat(p))
-        ck = doc["experts"][0]["checkpoint"]
-        cfg_file = ck if ("://" in ck or ck.startswith("/")) else join(p.rsplit("/", 1)[0], ck)
-        cfg_file = join(cfg_file.split("://", 1)[-1], "config.json")
-    else:
-        cfg_file = join(p, "config.json")
-    return json.loads(fs.cat(cfg_file))
+        p = _expert_folder(p, json.loads(fs.cat(p))["experts"][0]["checkpoint"])
+    return json.loads(fs.cat(join(p, CONFIG_FILE)))
 
 
 def _model_network(model: str, storage: StorageConfig):
@@ -536,8 +577,25 @@ def _model_network(model: str, storage: StorageConfig):
     return UNetConfig.from_dict(_model_config_doc(model, storage)["network"])
 
 
-def _model_encoders(model: str, storage: StorageConfig) -> dict:
-    meta = _model_config_doc(model, storage).get("metadata", {})
+def check_encoders(encoders: dict, models: tuple[str, ...], storage: StorageConfig) -> None:
+    """Fail before any actor starts when the encoders' output shapes do not fit a model's conditioning."""
+    spec = encoder_spec(from_dict(EncoderConfig, encoders))
+    for m in models:
+        if spec is not None:
+            diff = spec.first_difference(_model_network(m, storage).cond)
+            if diff:
+                name, got, want = diff
+                raise ValueError(
+                    f"{m}: the encoders (t5={encoders['t5']!r}, clip={encoders['clip']!r}) produce {name}={got}, "
+                    f"the model expects {name}={want}"
+                )
+
+
+def job_encoders(cfg: GenerateConfig, model: str) -> dict:
+    """The encoders the job runs: cfg.encoders when set, else those recorded with the model."""
+    if cfg.encoders:
+        return to_dict(cfg.encoders)
+    meta = _model_config_doc(model, cfg.storage).get("metadata", {})
     if not meta.get("encoders"):
         raise ValueError(
             f"{model}: the checkpoint does not record its encoders (trained before they were recorded); "
