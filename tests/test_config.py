@@ -1,5 +1,7 @@
 """Typed configs: nested keys, overrides, and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from ediffi_platform.config import ConfigError, from_dict, load_config, to_dict
@@ -22,7 +24,7 @@ def test_nested_yaml_and_overrides(tmp_path):
         ({"input": {"image_colum": "x"}}, "unknown config key 'input.image_colum'"),
         ({"batch_size": "big"}, "batch_size: expected an integer"),
         ({"image": {"resolution": 4}}, "image: resolution must be >= 8"),
-        ({"encoders": {"dtype": "int4"}}, "EncoderConfig.dtype"),
+        ({"encoders": {"dtype": "int4"}}, "encoders: EncoderConfig.dtype must be one of"),
         ({"encode_images": "yes"}, "encode_images: expected true/false"),
         ({"input": {"keep_columns": "color"}}, "input.keep_columns: expected a list"),
     ],
@@ -40,12 +42,16 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(PrecomputeConfig, tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_config(PrecomputeConfig, None, ["concurrency"])
+    with pytest.raises(ConfigError, match="'concurrency' is not a section"):
+        load_config(PrecomputeConfig, None, ["concurrency=3", "concurrency.x=1"])
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
+        load_config(PrecomputeConfig, tmp_path / "list.yaml")
 
 
 def test_jobs_end_bad_input_with_one_clear_line(tmp_path, capsys):
     import subprocess
     import sys
-    from pathlib import Path
 
     from ediffi_platform.config import run_job
 
@@ -65,26 +71,44 @@ def test_jobs_end_bad_input_with_one_clear_line(tmp_path, capsys):
         assert out.returncode == 2 and msg in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize(
-    "name, cls",
-    [
-        ("precompute_demo", "ediffi_platform.precompute:PrecomputeConfig"),
-        ("train_demo", "ediffi_platform.train:TrainConfig"),
-        ("train_sr_demo", "ediffi_platform.train:TrainConfig"),
-        ("finetune_demo", "ediffi_platform.experts:FinetuneConfig"),
-        ("generate_demo", "ediffi_platform.generate:GenerateConfig"),
-    ],
-)
-def test_shipped_configs_load(name, cls):
+SHIPPED = {  # configs/NAME.yaml -> the config class its job parses it into
+    "precompute_demo": "ediffi_platform.precompute:PrecomputeConfig",
+    "train_demo": "ediffi_platform.train:TrainConfig",
+    "train_sr_demo": "ediffi_platform.train:TrainConfig",
+    "finetune_demo": "ediffi_platform.experts:FinetuneConfig",
+    "generate_demo": "ediffi_platform.generate:GenerateConfig",
+}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _leaves(data: dict, prefix: str = ""):
+    for k, v in data.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
     import importlib
-    from pathlib import Path
 
-    from ediffi_platform.config import load_config
+    import yaml
 
-    module, attr = cls.split(":")
-    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
-    assert load_config(getattr(importlib.import_module(module), attr), path) is not None
-    assert len(list(path.parent.glob("*.yaml"))) == 5  # every shipped config is checked here
+    assert path.stem in SHIPPED, f"configs/{path.name} is not listed in SHIPPED (which config class parses it?)"
+    module, attr = SHIPPED[path.stem].split(":")
+    cfg = load_config(getattr(importlib.import_module(module), attr), path)
+    data = to_dict(cfg)
+    for key, value in _leaves(yaml.safe_load(path.read_text())):  # every value as written, none corrected
+        node = data
+        for k in key.split("."):
+            node = node[k]
+        assert node == value, f"configs/{path.name}: {key} is {node!r} in the config, {value!r} in the file"
+    assert from_dict(type(cfg), data) == cfg
+
+
+def test_every_listed_config_is_shipped():
+    assert sorted(SHIPPED) == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 
 
 def test_memory_format_is_checked_where_it_is_set():

@@ -1,17 +1,47 @@
-"""The README's job reference is generated from the config dataclasses and kept in step by this test."""
+"""The docs' generated tables (job reference from the config dataclasses, preset table from
+ediffi.presets) are kept in step with the code by this test."""
 
 import re
 from pathlib import Path
 
-from ediffi_platform.config_docs import current_section, jobs, markdown, rows
+import pytest
+
+from ediffi_platform.config_docs import SECTIONS, current_section, jobs, main, preset_markdown, rows
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md"]  # the files that hold generated sections
 
 
-def test_readme_tables_match_the_dataclasses():
-    section = current_section((ROOT / "README.md").read_text())
-    assert section is not None, "README.md lacks the generated config-table markers"
-    assert section == markdown(), "README config tables are stale: run python -m ediffi_platform.config_docs README.md"
+@pytest.mark.parametrize("name", sorted(SECTIONS))
+def test_generated_sections_match_the_code(name):
+    begin, end, render = SECTIONS[name]
+    held = {doc: current_section((ROOT / doc).read_text(), begin, end) for doc in DOCS}
+    held = {doc: text for doc, text in held.items() if text is not None}
+    assert len(held) == 1, f"section {name!r} must sit in exactly one of {DOCS}, found in {sorted(held)}"
+    (doc, section), fresh = held.popitem(), render()
+    assert section == fresh, f"{doc}: {name} is stale: run python -m ediffi_platform.config_docs {doc}"
+
+
+def test_preset_table_lists_every_preset_with_its_report():
+    from ediffi.presets import PRESETS, preset_report
+
+    lines = [line for line in preset_markdown().splitlines() if line.startswith("| `")]
+    assert [line.split("`")[1] for line in lines] == list(PRESETS)
+    base = next(line for line in lines if line.startswith("| `base64`")).split(" | ")
+    report = preset_report("base64")
+    assert (
+        base[2] == f"{report['params'] / 1e6:,.0f} M" and base[3] == f"{report['forward_flops_per_image'] / 1e9:,.0f}"
+    )
+
+
+def test_main_rewrites_only_the_sections_it_finds(tmp_path, capsys):
+    begin, end, render = SECTIONS["preset-table"]
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{begin}\nold rows\n{end}\noutro\n")
+    assert main([str(doc)]) == 0
+    assert doc.read_text() == f"intro\n{render()}\noutro\n"
+    (tmp_path / "plain.md").write_text("no markers\n")
+    assert main([str(tmp_path / "plain.md")]) == 2 and "no generated-section markers" in capsys.readouterr().err
 
 
 def test_every_job_script_is_documented_with_the_class_it_parses():
