@@ -91,6 +91,8 @@ class GenerateConfig:
         for k in ("batch_size", "concurrency", "images_per_prompt"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not (self.num_gpus >= 0 and self.num_cpus > 0):  # NaN fails too
+            raise ValueError(f"num_gpus must be >= 0 and num_cpus > 0, got {self.num_gpus} and {self.num_cpus}")
         if self.images_per_prompt > MAX_IMAGES_PER_ROW:
             raise ValueError(f"images_per_prompt must be <= {MAX_IMAGES_PER_ROW}, got {self.images_per_prompt}")
         if not 0 <= self.seed <= AUTO_SEED_MAX:
@@ -473,6 +475,9 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     require_prompts(cfg.prompts, requests, pstats)  # nothing valid: fail now, with the reasons
     model = resolve_model(cfg.model, cfg.storage)
     sr_models = tuple(resolve_model(st.model, cfg.storage) for st in cfg.sr_stages)
+    for uri in sr_models:
+        if not _model_network(uri, cfg.storage).sr:
+            raise ValueError(f"sr_stages: {uri} is not a super-resolution model")
     mid = model_id(model, cfg.storage)
     encoders = job_encoders(cfg, model)
     check_encoders(encoders, (model, *sr_models), cfg.storage)
