@@ -207,9 +207,12 @@ def model_id(uri: str, storage: StorageConfig) -> str:
 # it is listed here.
 NOT_IN_IMAGE_ID = frozenset(
     {
+        # where rows come from and results go
         *("prompts", "prompt_column", "on_bad_row", "out", "grid_images", "tracking", "storage", "ray_address"),
-        *("model", "seed", "images_per_prompt", "paint_strength"),  # enter as the model's id, a row's seed / strength
-        *("batch_size", "concurrency", "num_gpus", "num_cpus", "threads_per_actor", "memory_format"),  # float rounding only
+        # enter in another form: the model by content (model_id), a row's own seed and paint strength
+        *("model", "seed", "images_per_prompt", "paint_strength"),
+        # how the work is spread: the same pixels up to float rounding
+        *("batch_size", "concurrency", "num_gpus", "num_cpus", "threads_per_actor", "memory_format"),
         "fail_after",
     }
 )
