@@ -1,32 +1,86 @@
-"""The end-to-end demo at reduced size: every stage runs, the report and summary point at real files."""
+"""The end-to-end demo at reduced size: every stage runs, the summary's alignment is the judge's on the
+images it wrote, and a second run resumes (every stage skipped, nothing rewritten)."""
 
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from ediffi.pipeline import SamplerConfig
 from ediffi_platform.demo import DemoConfig, run_demo
+from ediffi_platform.judge import alignment
+from ediffi_platform.synthetic import BACKGROUNDS, COLORS, POSITION_PHRASES, SHAPES, SIZES, draw
+
+
+def caption_labels(caption: str) -> dict[str, str]:
+    """The labels a synthetic caption names, read back from its words (independent of the demo's bookkeeping)."""
+    words = caption.replace(",", " ").split()
+    one = lambda names: next(n for n in names if n in words)
+    return {
+        "color": one(COLORS),
+        "shape": one(SHAPES),
+        "size": one(SIZES),
+        "position": next(p for p, phrases in POSITION_PHRASES.items() if any(f in caption for f in phrases)),
+        "background": one(BACKGROUNDS),
+    }
+
+
+def judged(out: Path) -> tuple[dict[str, float], list[tuple[Path, dict]]]:
+    """The judge's alignment on a generation output's images, each against its own prompt's labels."""
+    rows = pq.read_table(str(out / "metadata")).to_pylist()
+    pairs = [(out / r["image"], caption_labels(r["prompt"])) for r in rows]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p, _ in pairs]
+    return alignment(images, [lab for _, lab in pairs]), pairs
+
+
+def files(w: Path) -> dict[Path, int]:
+    """Every weight, Parquet and image file the stages wrote, with its mtime."""
+    keep = (".safetensors", ".parquet", ".png")
+    stages = ("data", "runs", "experts", "outputs")
+    return {p: p.stat().st_mtime_ns for s in stages for p in (w / s).rglob("*") if p.suffix in keep}
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
-def test_demo_end_to_end_small(tmp_path):
+def test_demo_end_to_end_small_and_resumed(tmp_path):
+    w = tmp_path / "demo"
     cfg = DemoConfig(
-        workdir=str(tmp_path / "demo"),
-        rows=256,
+        workdir=str(w),
+        rows=128,
         preset="tiny32",
         clip_steps=5,
-        base_steps=4,
+        base_steps=2,
         expert_steps=2,
         eval_prompts=6,
+        sampler=SamplerConfig(steps=4, guidance=3.0),
     )
     logs = []
     s = run_demo(cfg, progress=logs.append)
     for k in ("grid", "report"):
         assert Path(s[k]).is_file()
-    assert set(s["alignment"]) == {"base", "ensemble"} and all(0 <= v["color"] <= 1 for v in s["alignment"].values())
-    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["report"] == s["report"]
+    assert json.loads((w / "summary.json").read_text())["report"] == s["report"]
     report = Path(s["report"]).read_text()
     assert "Text alignment" in report and report.count("<img") == 12 and "<svg" in report
-    assert len(list((tmp_path / "demo" / "outputs" / "ensemble" / "images").rglob("*.png"))) == 6
     assert any("experts: manifest" in m for m in logs) and "mlflow ui --backend-store-uri sqlite:///" in s["mlflow"]
+    for name in ("base", "ensemble"):
+        got, pairs = judged(w / "outputs" / name)
+        assert len(pairs) == 6 and s["alignment"][name] == got
+
+    # Resume: replace the ensemble's images by drawings of their prompts, then run again. Every stage
+    # is skipped (nothing regenerated or rewritten), and the judge now finds every drawn label.
+    for path, labels in judged(w / "outputs" / "ensemble")[1]:
+        draw(**labels, image_size=32).save(path)
+    before = files(w)
+    logs2 = []
+    s2 = run_demo(cfg, progress=logs2.append)
+    assert files(w) == before
+    text = "\n".join(logs2)
+    assert "clip fit: " in text and "skipped" in text.split("clip fit: ")[1].split("\n")[0]
+    assert "4 already done, 0 to do" in text and "train base: already at step 2 >= 2; nothing to do" in text
+    assert text.count("finished earlier (step 2); skipped") == 2 and text.count("6 already written, 0 to do") == 2
+    assert s2["alignment"]["base"] == s["alignment"]["base"]
+    got, _ = judged(w / "outputs" / "ensemble")
+    assert s2["alignment"]["ensemble"] == got and got["color"] == got["background"] == got["position"] == 1.0

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -177,7 +178,9 @@ def test_interrupted_run_resumes_to_exactly_one_copy_of_every_row(tmp_path):
     done_before = {p: p.stat().st_mtime_ns for p in (out / "00000").glob("part-*")}
     logs = []
     m = run_precompute(cfg, progress=logs.append)
-    assert "3 already done, 2 to do" in logs[0]
+    assert "3 already done, 2 to do" in logs[0] and "2 shards processed, 3 skipped" in logs[-1]
+    assert m["last_run"]["skipped_shards"] == ["00000", "00003", "zz_bad"]
+    assert m["last_run"]["processed_shards"] == ["00001", "00002"] and m["last_run"]["rows"] == 40
     assert {p: p.stat().st_mtime_ns for p in (out / "00000").glob("part-*")} == done_before  # skipped
     assert _written_keys(out) == full and m["totals"]["written"] == len(full) == 81
 
@@ -214,50 +217,100 @@ def test_s3_input_and_output(s3_server):
     assert json.loads(fs.cat("ediffi/emb/manifest.json"))["totals"]["rows_read"] == 30
     n = sum(len(imgs) for imgs, _ in iter_batches("s3://ediffi/emb", batch_size=7, storage=storage))
     assert n == 30
+    assert m["last_run"]["processed_shards"] == ["00000", "00001"] and m["last_run"]["skipped_shards"] == []
+    parts = {p: fs.info(p)["LastModified"] for p in fs.glob("ediffi/emb/*/*")}
     again = run_precompute(cfg, progress=lambda *_: None)  # everything already done: nothing redone
-    assert again["totals"] == m["totals"]
+    assert again["last_run"]["skipped_shards"] == ["00000", "00001"] and again["last_run"]["processed_shards"] == []
+    assert again["last_run"]["rows"] == 0 and again["totals"] == m["totals"]
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["LastModified"] for p in fs.glob("ediffi/emb/*/*")} == parts  # not rewritten
 
 
-def test_killed_job_rerun_gives_every_row_once(tmp_path):
-    """SIGKILL the real job (driver and its local Ray) mid-run, then run it again."""
+# The real job, SIGKILLed (driver and its local Ray, one process group) once its n-th shard is marked
+# done and a later shard has part files but no _SUCCESS yet: the interruption point is a state of the
+# output, not a moment, so the machine's speed cannot change what the rerun has to repair.
+KILL_AFTER_SHARDS = """
+import functools, glob, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import precompute_embeddings as job
+
+n, out, done = int(sys.argv[2]), sys.argv[3], []
+
+def half_written():
+    return [p for p in glob.glob(os.path.join(out, "*", "part-*.parquet"))
+            if not os.path.exists(os.path.join(os.path.dirname(p), "_SUCCESS.json"))]
+
+def progress(msg):
+    print(msg, flush=True)
+    if msg.startswith("precompute: shard ") and " done (" in msg:
+        done.append(msg)
+        if len(done) == n:  # the driver waits here; Ray Data's executor keeps writing parts meanwhile
+            deadline = time.time() + 120
+            while not half_written():
+                if time.time() > deadline:
+                    print("no half-written shard appeared", flush=True)
+                    os._exit(3)
+                time.sleep(0.02)
+            assert os.getpgid(0) == os.getpid(), "run me as a process group leader"
+            os.killpg(0, signal.SIGKILL)
+
+job.run_precompute = functools.partial(job.run_precompute, progress=progress)
+sys.exit(job.main(sys.argv[4:]))
+"""
+
+
+@pytest.fixture
+def ray_tmp(tmp_path):
+    """A Ray temp folder in tmp_path, or a fresh short one when tmp_path is too long for Ray's sockets."""
+    import shutil
+    import tempfile
+
+    # Ray's sockets live at {dir}/ray/session_<date>_<time>_<pid>/sockets/plasma_store: < 108 chars
+    d = tmp_path / "r" if len(str(tmp_path)) < 36 else Path(tempfile.mkdtemp(prefix="ek"))
+    d.mkdir(exist_ok=True)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_killed_job_rerun_gives_every_row_once(tmp_path, ray_tmp):
+    """SIGKILL the real job after 2 of 6 shards (another half-written), run it again: each row once, 2 shards skipped."""
+    import contextlib
     import signal
     import subprocess
     import sys
-    import time
-    from pathlib import Path
 
     write_synthetic(SyntheticConfig(output=str(tmp_path / "in"), rows=120, shards=6))
     root = Path(__file__).resolve().parents[1]
+    (tmp_path / "kill_after.py").write_text(KILL_AFTER_SHARDS)
     args = [
         sys.executable,
-        str(root / "jobs" / "precompute_embeddings.py"),
+        str(tmp_path / "kill_after.py"),
+        str(root / "jobs"),
+        "2",
+        str(tmp_path / "out"),
         f"input.path={tmp_path / 'in'}",
         f"output={tmp_path / 'out'}",
         "batch_size=4",
         "concurrency=1",
     ]
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        args, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
+    with open(tmp_path / "job.log", "w") as log:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=log)
     try:
-        while time.time() < deadline and not list((tmp_path / "out").glob("*/_SUCCESS.json")):
-            assert proc.poll() is None, "job ended before it could be interrupted"
-            time.sleep(0.05)
+        proc.wait(timeout=240)
     finally:
-        if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # anything left of the job's group (none unless it hung)
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done = len(list((tmp_path / "out").glob("*/_SUCCESS.json")))
-    assert 1 <= done < 6, f"{done} shards were done at the kill"
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "job.log").read_text()[-3000:]
+    done = sorted(p.parent.name for p in (tmp_path / "out").glob("*/_SUCCESS.json"))
+    half = {p.parent.name for p in (tmp_path / "out").glob("*/part-*.parquet")} - set(done)
+    assert len(done) == 2 and half and not (tmp_path / "out" / "manifest.json").exists(), (done, half)
     m = run_precompute(
         PrecomputeConfig(input=InputConfig(path=str(tmp_path / "in")), output=str(tmp_path / "out"), batch_size=32),
         progress=lambda *_: None,
     )
+    assert m["last_run"]["skipped_shards"] == done and m["last_run"]["rows"] == 80
     keys = _written_keys(tmp_path / "out")
     assert len(keys) == len(set(keys)) == 120 and m["totals"]["written"] == 120

@@ -79,6 +79,8 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
             )
             r = ray.get(ray.remote(num_cpus=1)(fit_clip).remote(fit))  # on the cluster, like every stage
             say(f"clip fit: {r['pairs']} pairs, contrastive loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}")
+        else:
+            say(f"clip fit: {clip} exists; skipped")
         encoders = EncoderConfig(clip_pretrained=str(clip))
     run_precompute(
         PrecomputeConfig(

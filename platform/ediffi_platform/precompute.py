@@ -7,7 +7,8 @@
 Output layout, per input shard `NAME.parquet`:
     {output}/NAME/part-<content hash>.parquet   embedding rows (see shards.py)
     {output}/NAME/_SUCCESS.json                 counts; present only when the shard is complete
-    {output}/manifest.json                      totals, encoders, schema (rewritten each run)
+    {output}/manifest.json                      totals, encoders, schema, and what this run did
+                                                (`last_run`: rows read, shards processed / skipped)
 A re-run skips shards with _SUCCESS.json and clears any partial output of the others first, so an
 interrupted job, run again, ends with every row exactly once.
 """
@@ -184,6 +185,7 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
     _check_output_compatible(out_fs, out_root, cfg)
 
     done = {s for s in expected if out_fs.exists(join(out_root, s, SUCCESS))}
+    skipped = sorted(done)  # finished by an earlier run: neither read nor rewritten
     pending = [p for p in shards if shard_name(p) not in done]
     for p in pending:  # clear partial output of an interrupted run
         d = join(out_root, shard_name(p))
@@ -245,6 +247,7 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
         run = {"rows": rows, "rows_per_s": rows / (end - t0), "rows_per_s_after_startup": rows / (end - min(ready))}
     else:
         run = {"rows": 0}
+    run.update(processed_shards=sorted(shard_name(p) for p in pending), skipped_shards=skipped)
     run["seconds"] = round(time.time() - t0, 2)
     return _write_manifest(out_fs, out_root, cfg, sorted(expected), run, progress)
 
@@ -300,7 +303,7 @@ def _write_manifest(fs, root: str, cfg: PrecomputeConfig, names: list[str], run:
     write_json(fs, join(root, MANIFEST), doc)
     progress(
         f"precompute: {totals['written']}/{totals['rows_read']} rows written, dropped {totals['dropped']}, "
-        f"{totals['normalized_captions']} captions normalised, "
-        f"manifest {join(cfg.output, MANIFEST)}"
+        f"{totals['normalized_captions']} captions normalised; this run: {len(run['processed_shards'])} shards "
+        f"processed, {len(run['skipped_shards'])} skipped (done earlier); manifest {join(cfg.output, MANIFEST)}"
     )
     return doc
