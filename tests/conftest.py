@@ -116,8 +116,9 @@ def s3_server(monkeypatch):
     server.stop()
 
 
-def embeddings(d, rows: int, resolution: int = 16, src: str = "in", out: str = "emb") -> None:
+def embeddings(d, rows: int, resolution: int = 16, src: str = "in", out: str = "emb", encoders=None) -> None:
     """Synthetic captioned shards in d/src (written unless present) -> embedding shards in d/out."""
+    from ediffi.encoders import EncoderConfig
     from ediffi_platform.ingest import ImageFilter, InputConfig
     from ediffi_platform.precompute import PrecomputeConfig, run_precompute
     from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
@@ -128,6 +129,23 @@ def embeddings(d, rows: int, resolution: int = 16, src: str = "in", out: str = "
         input=InputConfig(path=str(d / src)),
         output=str(d / out),
         image=ImageFilter(resolution=resolution),
+        encoders=encoders or EncoderConfig(),
         batch_size=16,
     )
     run_precompute(cfg, progress=lambda *_: None)
+
+
+SHARED_ROWS = 384  # two shards of 192 rows
+SHARED_SEED = 7  # the tiny encoders' init seed: not the default, so a run that forgets it differs
+
+
+@pytest.fixture(scope="session")
+def shared_emb(tmp_path_factory, ray_local):
+    """Embedding shards (SHARED_ROWS synthetic rows at 32 px, tiny encoders of seed SHARED_SEED) in
+    d/"emb", and d/"mlflow.db" + d/"mlruns" for tracking, shared by the training and expert tests:
+    precomputing is a Ray Data job, and creating an MLflow store costs seconds."""
+    from ediffi.encoders import EncoderConfig
+
+    d = tmp_path_factory.mktemp("shared")
+    embeddings(d, rows=SHARED_ROWS, resolution=32, encoders=EncoderConfig(seed=SHARED_SEED))
+    return d

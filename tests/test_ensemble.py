@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import Counting, random_cond, randomize
-from ediffi.checkpoint import save_checkpoint
+from ediffi.checkpoint import read_weights, save_checkpoint
 from ediffi.edm import NoiseDistribution
 from ediffi.ensemble import (
     EDIFFI_BASE_QUANTILES,
@@ -112,23 +112,40 @@ def test_coverage_errors_name_the_problem(tiny_D):
         ExpertEnsemble([tiny_D], [Interval(0, 1)])
 
 
-def _write_ensemble(tmp_path, cfg, n=2):
+def _write_ensemble(tmp_path, cfg, n=2, ema=(True, True)):
+    """n experts whose EMA weights (where they have them) differ from their weights."""
     intervals = intervals_from_boundaries(boundaries_from_quantiles(tree_quantiles(1))[: n - 1])
     names = []
     for i in range(n):
         D = randomize(build_denoiser(cfg), seed=10 + i)
-        save_checkpoint(tmp_path / f"expert{i}", cfg, D, ema=D, metadata={"interval": i})
+        E = randomize(build_denoiser(cfg), seed=20 + i) if ema[i] else None
+        save_checkpoint(tmp_path / f"expert{i}", cfg, D, ema=E, metadata={"interval": i})
         names.append(f"expert{i}")
     return write_manifest(tmp_path / "ensemble.json", intervals, names), intervals
+
+
+def _holds(D, file) -> bool:
+    return all(torch.equal(v, read_weights(file)[k]) for k, v in D.net.state_dict().items())
 
 
 def test_manifest_round_trip_and_sampling(tmp_path, tiny_cfg):
     path, intervals = _write_ensemble(tmp_path, tiny_cfg)
     got, ckpts, _ = read_manifest(path)
     assert got == intervals and ckpts[0] == tmp_path / "expert0"
-    ens = load_ensemble(path)
-    imgs = sample(ens, random_cond(tiny_cfg.cond, 2), (3, 16, 16), [1, 2], SamplerConfig(steps=4))
+    ens, raw = load_ensemble(path), load_ensemble(path, use_ema=False)
+    for i, c in enumerate(ckpts):
+        assert _holds(ens.experts[i], c / "ema.safetensors") and _holds(raw.experts[i], c / "model.safetensors")
+    cond = random_cond(tiny_cfg.cond, 2)
+    imgs = sample(ens, cond, (3, 16, 16), [1, 2], SamplerConfig(steps=4))
     assert imgs.shape == (2, 3, 16, 16) and torch.isfinite(imgs).all()
+    assert not torch.equal(imgs, sample(raw, cond, (3, 16, 16), [1, 2], SamplerConfig(steps=4)))
+
+
+def test_an_expert_without_ema_serves_its_weights(tmp_path, tiny_cfg):
+    path, _ = _write_ensemble(tmp_path, tiny_cfg, ema=(True, False))
+    ens = load_ensemble(path)
+    assert _holds(ens.experts[0], tmp_path / "expert0" / "ema.safetensors")
+    assert _holds(ens.experts[1], tmp_path / "expert1" / "model.safetensors")
 
 
 @pytest.mark.parametrize(

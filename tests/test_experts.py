@@ -1,13 +1,18 @@
-"""Expert fine-tuning on a local 2-CPU Ray cluster: concurrent runs, intervals, retries, skip on re-run."""
+"""Expert fine-tuning on a local 2-CPU Ray cluster, as one job on S3: a hierarchical plan in which
+an expert is retried alone, two fail and stop the job, and a re-run skips the finished experts."""
 
+import json
 import math
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from conftest import embeddings
-from ediffi.checkpoint import load_checkpoint, save_checkpoint
+from conftest import SHARED_SEED
+from ediffi.checkpoint import read_weights, save_checkpoint, save_training_state
 from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution
 from ediffi.encoders import EncoderConfig
@@ -18,7 +23,7 @@ from ediffi_platform.config import ConfigError, JobFailed, from_dict, to_dict
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, expert_names, run_finetune
 from ediffi_platform.reader import iter_batches
 from ediffi_platform.tracking import TrackingConfig
-from ediffi_platform.train import OptimConfig, TrainConfig
+from ediffi_platform.train import OptimConfig, TrainConfig, latest_checkpoint
 
 
 def test_plans():
@@ -29,7 +34,12 @@ def test_plans():
     (two,) = ExpertPlan(boundaries=(1.0,)).levels()
     assert [(iv.lo, iv.hi) for iv, _ in two] == [(0.0, 1.0), (1.0, math.inf)]
     tree = ExpertPlan(tree_depth=2, hierarchical=True).levels()
-    assert [len(level) for level in tree] == [2, 4] and [p for _, p in tree[1]] == [0, 0, 1, 1]
+    assert [len(level) for level in tree] == [2, 4] and [p for level in tree for _, p in level] == [None] * 2 + [
+        0,
+        0,
+        1,
+        1,
+    ]
     assert tree[1][1][0].hi == tree[0][0][0].hi  # children split their parent's interval
     assert expert_names(ExpertPlan(tree_depth=2, hierarchical=True))[-1] == "level2-expert3"
     assert len(ExpertPlan(tree_depth=2).levels()[0]) == 4
@@ -43,97 +53,153 @@ def test_plans():
         from_dict(FinetuneConfig, {"plan": {"boundaries": [1.0]}, "experts": {"expert7": {"steps": 3}}})
 
 
+BASE_UPDATES = 10_000  # the base's EMA age: its decay is at the 0.999 cap, so an expert's EMA stays near it
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, ray_local):
-    """Tiny embedding shards and a base checkpoint (random weights: the experts only need a parent)."""
+def base(shared_emb, tmp_path_factory):
+    """A base checkpoint whose EMA is far from its weights (random; the experts only need a parent)
+    and the experts' training settings (6 steps, a checkpoint every 3)."""
     d = tmp_path_factory.mktemp("experts")
-    embeddings(d, rows=256)  # an expert run of 6 steps stays within one epoch
+    cfg = get_preset("tiny32")
+    torch.manual_seed(0)
+    D = build_denoiser(cfg)
+    ema = {k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in D.net.state_dict().items()}
+    ckpt = save_checkpoint(d / "base", cfg, D, ema=ema, metadata={"encoders": to_dict(EncoderConfig(seed=SHARED_SEED))})
+    save_training_state(ckpt, {"state": {}, "param_groups": []}, {"step": BASE_UPDATES, "ema_updates": BASE_UPDATES})
     train = TrainConfig(
-        data=str(d / "emb"),
-        preset="tiny",
+        data=str(shared_emb / "emb"),
+        preset="tiny32",
         steps=6,
         batch_size=8,
         num_workers=1,
-        cpus_per_worker=0.5,
+        cpus_per_worker=0.25,  # four experts at once leave Ray Data a whole CPU to list files (it needs one)
         optim=OptimConfig(lr=2e-3, warmup_steps=2),
         dropout=DropoutConfig(0.1, 0.1, 0.1),
         checkpoint_every=3,
         log_every=1,
         sample_images=0,
-        output=str(d / "runs"),
-        tracking=TrackingConfig(uri=f"sqlite:///{d / 'mlflow.db'}", artifact_root=(d / "mlruns").as_uri()),
+        tracking=TrackingConfig(
+            uri=f"sqlite:///{shared_emb / 'mlflow.db'}", artifact_root=(shared_emb / "mlruns").as_uri()
+        ),
     )
-    cfg = get_preset("tiny")
-    D = build_denoiser(cfg)
-    ckpt = save_checkpoint(d / "base", cfg, D, ema=D, metadata={"encoders": to_dict(EncoderConfig())})
     return train, str(ckpt)
 
 
-def _children(train, parent_id):
+def _children(train, parent_id) -> tuple[mlflow.MlflowClient, dict]:
     c = mlflow.MlflowClient(tracking_uri=train.tracking.uri)
     runs = c.search_runs([c.get_experiment_by_name("ediffi").experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    return c, {r.info.run_name: r for r in runs}
+    named = {r.info.run_name: r for r in runs}
+    assert len(named) == len(runs), [r.info.run_name for r in runs]  # one child run per expert
+    return c, named
 
 
-def test_two_experts_concurrently_one_retried_alone(base, tmp_path):
+def _train_workers(since: float) -> list[tuple[float, float]]:
+    """(start, end) of every Ray Train worker actor started since `since`, as Ray's GCS recorded them."""
+    from ray._private.state import actors
+
+    spans = [
+        (a["StartTime"] / 1e3, a["EndTime"] / 1e3 or math.inf)
+        for a in actors().values()
+        if a["ActorClassName"].endswith("RayTrainWorker") and a["StartTime"] / 1e3 >= since
+    ]
+    return sorted(spans)
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])  # at a tie, an end comes first
+    alive = most = 0
+    for _, d in events:
+        alive += d
+        most = max(most, alive)
+    return most
+
+
+def _dist(a: dict, b: dict) -> float:
+    return math.sqrt(sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in a))
+
+
+def test_hierarchical_experts_on_s3_retry_one_then_rerun_skips_the_finished(base, s3_server, tmp_path):
+    """Level 1: level1-expert1 dies at step 4 and is relaunched alone, resuming; level 2: two experts
+    train, two fail (their data override is wrong) and stop the job; the re-run, override fixed,
+    skips the four finished experts and trains the two. At most two experts train at a time."""
+    import s3fs
+
     train, ckpt = base
+    experts = {
+        "level1-expert0": {"steps": 4},
+        "level1-expert1": {"fail_at_step": 4, "max_failures": 0},  # its run dies once: retried
+    }
+    wrong = {name: {"data": str(tmp_path / "nowhere")} for name in ("level2-expert2", "level2-expert3")}
     cfg = FinetuneConfig(
         base=ckpt,
-        plan=ExpertPlan(boundaries=(0.5,)),
-        train=train,
-        experts={"expert1": {"fail_at_step": 4, "max_failures": 0}},  # its run dies once at step 4
-        output=str(tmp_path / "experts"),
+        plan=ExpertPlan(tree_depth=2, hierarchical=True),
+        train=replace(train, storage=s3_server),
+        experts=experts | wrong,
+        output="s3://ediffi/experts",
         retries=1,
     )
-    logs = []
-    out = run_finetune(cfg, progress=logs.append)
-    assert sum("starting expert0" in m for m in logs) == 1  # the other expert ran once, undisturbed
-    assert sum("starting expert1" in m for m in logs) == 2 and any("expert1 failed" in m for m in logs)
-    assert out["experts"]["expert1"]["attempts"] == 2 and out["experts"]["expert1"]["step"] == 6
+    t0, logs = time.time(), []
+    with pytest.raises(JobFailed, match=r"experts \['level2-expert2', 'level2-expert3'\] failed after 1 retries"):
+        run_finetune(cfg, progress=logs.append)
+    first, t1 = _train_workers(since=t0), time.time()
+    rerun = []
+    out = run_finetune(replace(cfg, experts=experts), progress=rerun.append)
+    second = _train_workers(since=t1)
 
-    intervals, checkpoints, meta = read_manifest(out["manifest"])  # validates coverage and files
-    assert [(iv.lo, iv.hi) for iv in intervals] == [(0.0, 0.5), (0.5, math.inf)]
-    assert meta["base"] == ckpt and all(str(c).startswith(str(tmp_path / "experts")) for c in checkpoints)
+    # 1. The first run: level1-expert1 relaunched alone after its failure, the bad experts twice
+    # (failing before any training); the re-run: finished experts skipped; two trainers at once.
+    starts = lambda logs: {n: sum(f"starting {n} " in m for m in logs) for n in expert_names(cfg.plan)}
+    assert starts(logs) == {"level1-expert0": 1, "level1-expert1": 2, "level2-expert0": 1, "level2-expert1": 1} | {
+        n: 2 for n in wrong
+    }
+    assert any("level1-expert1 failed" in m for m in logs) and any("no manifest.json" in m for m in logs)
+    assert starts(rerun) == {n: 0 for n in expert_names(cfg.plan)} | {n: 1 for n in wrong}
+    assert sum("skipped" in m for m in rerun) == 4
+    assert [out["experts"][n].get("skipped", False) for n in expert_names(cfg.plan)] == [True] * 4 + [False] * 2
+    assert len(first) == 5 and _most_at_once(first) == 2, first  # Ray ran each level's trainers two at once
+    assert len(second) == 2 and _most_at_once(second) == 2, second
+    fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_server.endpoint_url})
+    assert out["manifest"] == "s3://ediffi/experts/manifest.json" and fs.exists("ediffi/experts/manifest.json")
+    local = tmp_path / "experts"
+    fs.get("ediffi/experts", str(local), recursive=True)
 
+    # 2. Lineage: an expert starts from its parent's weights (not its EMA), its EMA going on from the
+    # parent's (for as many updates more as it trained); level 2 from level 1.
+    parents = {"level1-expert0": None, "level1-expert1": None}
+    parents |= {f"level2-expert{i}": f"level1-expert{i // 2}" for i in range(4)}
+    steps = {name: 4 if name == "level1-expert0" else 6 for name in parents}
+    weights = lambda folder: {f: read_weights(Path(folder, f"{f}.safetensors")) for f in ("model", "ema")}
+    final, updates = {None: weights(ckpt)}, {None: BASE_UPDATES}
+    for name, parent in parents.items():
+        folder, step = latest_checkpoint(str(local / name))
+        final[name], p = weights(folder), final[parent]
+        updates[name] = updates[parent] + steps[name]
+        state = json.loads(Path(folder, "trainer.json").read_text())["state"]
+        assert step == steps[name] and state["ema_updates"] == updates[name], (name, state)
+        gap = _dist(p["model"], p["ema"])
+        assert _dist(final[name]["model"], p["model"]) < 0.1 * gap, name
+        assert _dist(final[name]["ema"], p["ema"]) < 0.1 * gap, name
+
+    # 3. The manifest: level 2's intervals, each child's inside its parent's; MLflow: one child run
+    # per expert (level1-expert1's resumed, not a new one), each sampling only its own sigmas.
+    intervals, checkpoints, meta = read_manifest(local / "manifest.json")  # validates coverage and files
+    levels = cfg.plan.levels(NoiseDistribution(train.P_mean, train.P_std))
+    assert intervals == [iv for iv, _ in levels[1]] and meta["base"] == ckpt
+    assert all(iv.lo >= levels[0][p][0].lo and iv.hi <= levels[0][p][0].hi for iv, p in levels[1])
+    assert [c.parent.name for c in checkpoints] == [f"level2-expert{i}" for i in range(4)]
     client, children = _children(train, out["mlflow_run_id"])
-    assert set(children) == {"expert0", "expert1"}
-    a, b = children["expert0"].info, children["expert1"].info
-    assert a.start_time < b.end_time and b.start_time < a.end_time  # the two runs overlapped in time
-    for name, iv in zip(("expert0", "expert1"), intervals, strict=True):
-        run_id = children[name].info.run_id
-        assert children[name].data.params["sigma_lo"] == str(iv.lo)
-        lo = [m.value for m in client.get_metric_history(run_id, "sigma/min")]
-        hi = [m.value for m in client.get_metric_history(run_id, "sigma/max")]
-        assert len(lo) == 6 and min(lo) >= iv.lo and max(hi) < iv.hi, (name, min(lo), max(hi))
+    assert set(children) == set(parents)
+    ivs = {name: iv for name, (iv, _) in zip(parents, levels[0] + levels[1], strict=True)}
+    for name, run in children.items():
+        assert run.data.params["sigma_lo"] == str(ivs[name].lo) and run.data.params["steps"] == str(steps[name])
+        lo = [m.value for m in client.get_metric_history(run.info.run_id, "sigma/min")]
+        hi = [m.value for m in client.get_metric_history(run.info.run_id, "sigma/max")]
+        assert len(lo) == steps[name] and min(lo) >= ivs[name].lo and max(hi) < ivs[name].hi, (name, min(lo), max(hi))
     assert [f.path for f in client.list_artifacts(out["mlflow_run_id"])] == ["manifest.json"]
 
-    # Plain ediffi, no Ray: the ensemble samples, each expert serving its own sigmas.
-    ens = load_ensemble(out["manifest"])
+    # 4. Plain ediffi, no Ray: the ensemble samples.
+    ens = load_ensemble(local / "manifest.json")
     _, cond = next(iter_batches(train.data, 4))
-    imgs = sample(ens, cond, (3, 16, 16), [0, 1, 2, 3], SamplerConfig(steps=6, guidance=1.5))
-    assert imgs.shape == (4, 3, 16, 16) and torch.isfinite(imgs).all()
-    flat = [torch.cat([p.flatten() for p in e.parameters()]) for e in ens.experts]
-    parent = torch.cat([p.flatten() for p in load_checkpoint(ckpt, use_ema=True)[0].parameters()])
-    assert not torch.equal(flat[0], flat[1]) and not torch.equal(flat[0], parent)  # each fine-tuned on its own
-
-
-def test_stopped_job_rerun_skips_finished_experts(base, tmp_path):
-    train, ckpt = base
-    cfg = FinetuneConfig(
-        base=ckpt,
-        plan=ExpertPlan(boundaries=(0.5,)),
-        train=train,
-        experts={"expert0": {"fail_at_step": 4, "max_failures": 0}},
-        output=str(tmp_path / "experts"),
-        retries=0,  # the failure stops the job
-    )
-    with pytest.raises(JobFailed, match=r"experts \['expert0'\] failed"):
-        run_finetune(cfg, progress=lambda *_: None)
-    logs = []
-    out = run_finetune(cfg, progress=logs.append)  # re-run: expert1 finished, expert0 resumes
-    assert any("expert1" in m and "skipped" in m for m in logs)
-    assert sum("starting expert0" in m for m in logs) == 1 and sum("starting expert1" in m for m in logs) == 0
-    assert out["experts"]["expert0"]["step"] == 6 and out["experts"]["expert1"]["skipped"]
-    _, children = _children(train, out["mlflow_run_id"])
-    assert set(children) == {"expert0", "expert1"}  # one child run each: expert0's resumed, not a new one
-    read_manifest(out["manifest"])
+    imgs = sample(ens, cond, (3, 32, 32), [0, 1, 2, 3], SamplerConfig(steps=6, guidance=1.5))
+    assert imgs.shape == (4, 3, 32, 32) and torch.isfinite(imgs).all()

@@ -56,8 +56,8 @@ class ExpertPlan:
         (None: the base model). Flat plans have one level."""
         if self.hierarchical:
             out, current = [], [Interval(0.0, math.inf)]
-            for _ in range(self.tree_depth):
-                level = [(half, p) for p, iv in enumerate(current) for half in split_interval(iv, noise)]
+            for d in range(self.tree_depth):  # the first level's parent is the base model
+                level = [(half, p if d else None) for p, iv in enumerate(current) for half in split_interval(iv, noise)]
                 out.append(level)
                 current = [iv for iv, _ in level]
             return out

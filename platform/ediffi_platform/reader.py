@@ -13,13 +13,16 @@ import ray
 import torch
 
 from ediffi.conditioning import Cond
-from ediffi_platform.precompute import MANIFEST, SUCCESS
 from ediffi_platform.shards import ShardMeta, read_meta, to_tensors
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join, read_json
 
 
 def shard_files(root_url: str, storage: StorageConfig = StorageConfig()) -> tuple[list[str], ShardMeta]:
     """Part files of every completed shard under an embedding folder, and their common layout."""
+    # Here, not at the top: the precompute module imports the encoders (open_clip, transformers:
+    # ~2 s), which a training worker or read task never needs.
+    from ediffi_platform.precompute import MANIFEST, SUCCESS
+
     fs, root = filesystem(root_url, storage)
     if not fs.exists(join(root, MANIFEST)):
         raise FileNotFoundError(f"{root_url}: no {MANIFEST}; run jobs/precompute_embeddings.py first")
@@ -77,13 +80,28 @@ def _take(buffer: list[pa.Table], n: int, rng: random.Random | None) -> tuple[pa
 def ray_dataset(root_url: str, storage: StorageConfig = StorageConfig()) -> tuple[ray.data.Dataset, ShardMeta]:
     """A Ray Dataset over the embedding rows (for `ray.train.get_dataset_shard`), and their layout."""
     files, meta = shard_files(root_url, storage)
-    afs = arrow_filesystem(filesystem(root_url, storage)[0])
-    # Reading is light; a quarter CPU per read task keeps the reader scheduled when training
-    # workers hold nearly every CPU (a 1-CPU read request would wait forever behind them).
-    ds = ray.data.read_parquet(
-        files, filesystem=afs, override_num_blocks=len(files), ray_remote_args={"num_cpus": 0.25}
+    # Reading is light; a quarter CPU per part file keeps the reader scheduled when training
+    # workers hold nearly every CPU (a 1-CPU request would wait forever behind them). Not
+    # read_parquet: since Ray 2.60 it first lists the files in a task of a whole CPU (not settable),
+    # which never started beside fits holding 1.5 of 2 CPUs.
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(
+        _read_parts,
+        fn_kwargs={"root_url": root_url, "storage": storage},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.25,
     )
     return ds, meta
+
+
+def _read_parts(batch: pa.Table, root_url: str, storage: StorageConfig) -> Iterator[pa.Table]:
+    """Ray Data task: the rows of the part files a batch names, a row group at a time."""
+    afs = arrow_filesystem(filesystem(root_url, storage)[0])
+    for f in batch.column("file").to_pylist():
+        pf = pq.ParquetFile(f, filesystem=afs)
+        for i in range(pf.num_row_groups):
+            yield pf.read_row_group(i)
 
 
 def iter_torch(

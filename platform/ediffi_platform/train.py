@@ -9,7 +9,6 @@ epoch's data order from (seed, epoch) (see `EpochCache`).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -102,7 +101,7 @@ class TrainConfig:
     output: str = "runs"  # storage root for checkpoints (folder or s3://)
     name: str = "base"  # run name: checkpoints go to {output}/{name}/
     init_from: str | None = None  # start from these weights (a checkpoint directory), e.g. an expert's parent
-    resume: str | None = None  # resume from this checkpoint instead of the latest under {output}/{name}
+    resume: str | None = None  # a new run starts from this checkpoint; once it has its own, re-runs go on from those
     max_failures: int = 1  # worker-failure restarts (from the last checkpoint)
     sample_images: int = 8  # images in the sample grid logged at each checkpoint (0 = none)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
@@ -228,7 +227,6 @@ def train_loop_per_worker(config: dict) -> dict:
     meta = config["meta"]
     shard = ray.train.get_dataset_shard("train")
     cache = EpochCache(cfg.cache_mb, agree=lambda fits: _all_workers(fits, device) if world > 1 else fits)
-    fail_marker = Path(config["fail_marker"]) if config.get("fail_marker") else None
     pending: list[tuple[dict, int]] = []  # metrics waiting for the next checkpoint
     window: dict = {"loss": 0.0, "n": 0, "images": 0, "t": time.perf_counter(), "buckets": {}}
     while state["step"] < cfg.steps:
@@ -264,14 +262,8 @@ def train_loop_per_worker(config: dict) -> dict:
             ema.update(D.net)
             state["step"] += 1
             _accumulate(window, res, cfg.batch_size * cfg.optim.grad_accum * world)
-            if (
-                fail_marker is not None
-                and state["step"] == cfg.fail_at_step
-                and rank == world - 1
-                and not fail_marker.exists()
-            ):
-                fail_marker.touch()
-                os._exit(1)  # testing only: a worker process dies mid-run
+            if config.get("fail_marker") and state["step"] == cfg.fail_at_step and rank == world - 1:
+                _die_once(config["fail_marker"], cfg.storage)  # testing only: a worker process dies mid-run
             last = state["step"] == cfg.steps
             metrics = (
                 _window_metrics(window, net_cfg, state["step"])
@@ -423,9 +415,20 @@ def output_root(output: str) -> str:
 
 
 def fail_marker(cfg: TrainConfig) -> str:
-    """Testing only: the file whose presence means this run's injected failure already happened."""
-    key = hashlib.sha1(join(output_root(cfg.output), cfg.name).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"ediffi-fail-{key}")  # once per run, also across reruns
+    """Testing only: the file in the run's folder whose presence means its injected failure already
+    happened (once per run, also across reruns; a new output folder fails anew)."""
+    return join(output_root(cfg.output), cfg.name, ".fail_injected")
+
+
+def _die_once(marker: str, storage: StorageConfig) -> None:
+    """Testing only: leave the marker and end this process, unless the marker is already there."""
+    fs, path = filesystem(marker, storage)
+    if fs.exists(path):
+        return
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        f.write("testing: a training worker died here\n")
+    os._exit(1)
 
 
 def run_training(cfg: TrainConfig, progress=print) -> dict:
@@ -444,8 +447,9 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     if cfg.init_from:
         _checkpoint_at(cfg.init_from, cfg.storage)  # fails now, naming the path, if it is not a checkpoint
 
-    # 2. Resume: an explicit checkpoint, else the latest one of this run name.
-    resume = cfg.resume or _latest_checkpoint(cfg)
+    # 2. Resume: the latest checkpoint of this run name, else an explicit one (as the workers do:
+    # a re-run of a job started from `resume` goes on from its own progress).
+    resume = _latest_checkpoint(cfg) or cfg.resume
     run_id = None
     if resume:
         state = _read_state(resume, cfg.storage)
