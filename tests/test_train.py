@@ -283,6 +283,7 @@ def test_an_interrupted_run_resumes_exactly_where_it_stopped(shared_emb, tmp_pat
         ema_sigma_rel=0.1,
     )
     monkeypatch.setattr(train_module, "EMA", _Recording)
+    _Recording.seen.clear()
     whole = worker.fit(replace(cfg, name="whole"))
     seen = list(_Recording.seen)
     monkeypatch.setattr(train_module, "EMA", EMA)
