@@ -85,6 +85,9 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train's controller polls its workers every 2 s: a fit then idles ~2 s after its last step
+    # (~4 s to shut down in all), and there are some twenty fits in the suite.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     tmp = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
     yield
