@@ -23,8 +23,8 @@ from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi.ensemble import load_ensemble, read_manifest
 from ediffi.paint import PaintWithWords, paint_masks
 from ediffi.pipeline import SamplerConfig, sample, to_uint8
-from ediffi_platform.experts import resolve_checkpoint
 from ediffi_platform.judge import read_labels
+from ediffi_platform.runs import resolve_checkpoint
 from ediffi_platform.synthetic import BACKGROUNDS, COLORS, SHAPES, draw
 
 CORNERS = {  # painted boxes, as fractions of the image

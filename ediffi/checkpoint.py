@@ -26,6 +26,8 @@ from ediffi.unet import UNetConfig
 FORMAT = "ediffi-checkpoint"
 VERSION = 1
 CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.safetensors"
+OPTIM_FILE, TRAINER_FILE = "optimizer.safetensors", "trainer.json"  # training state (save_training_state)
+TRAINING_FILES = (CONFIG_FILE, MODEL_FILE, EMA_FILE, OPTIM_FILE, TRAINER_FILE)  # a complete training checkpoint
 
 
 class CheckpointError(ValueError):
@@ -162,8 +164,6 @@ def load_checkpoint(
 
 
 # --- training state (optimizer, step, RNG) beside the weights; still no pickles -----------------
-
-OPTIM_FILE, TRAINER_FILE = "optimizer.safetensors", "trainer.json"
 
 
 def save_training_state(path: str | Path, optimizer: torch.optim.Optimizer | dict, state: dict) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ediffi.checkpoint import CONFIG_FILE, MODEL_FILE, load_checkpoint, read_json_file
+from ediffi.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, load_checkpoint, read_json_file
 from ediffi.conditioning import Cond
 from ediffi.edm import Denoiser, NoiseDistribution
 
@@ -200,6 +200,6 @@ def load_ensemble(path: str | Path, use_ema: bool = True, device: torch.device |
     intervals, checkpoints, _ = read_manifest(path)
     experts = []
     for ckpt in checkpoints:
-        ema = use_ema and (ckpt / "ema.safetensors").is_file()
+        ema = use_ema and (ckpt / EMA_FILE).is_file()
         experts.append(load_checkpoint(ckpt, use_ema=ema, device=device)[0])
     return ExpertEnsemble(experts, intervals)

@@ -19,11 +19,13 @@ from ediffi.encoders import EncoderConfig
 from ediffi.ensemble import EDIFFI_BASE_QUANTILES, load_ensemble, read_manifest
 from ediffi.pipeline import SamplerConfig, sample
 from ediffi.presets import build_denoiser, get_preset
+from ediffi_platform import faults
 from ediffi_platform.config import ConfigError, JobFailed, from_dict, to_dict
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, expert_names, run_finetune
 from ediffi_platform.reader import iter_batches
+from ediffi_platform.runs import latest_checkpoint
 from ediffi_platform.tracking import TrackingConfig
-from ediffi_platform.train import OptimConfig, TrainConfig, latest_checkpoint
+from ediffi_platform.train import OptimConfig, TrainConfig
 
 
 def test_plans():
@@ -114,7 +116,7 @@ def _dist(a: dict, b: dict) -> float:
     return math.sqrt(sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in a))
 
 
-def test_hierarchical_experts_on_s3_retry_one_then_rerun_skips_the_finished(base, s3_server, tmp_path):
+def test_hierarchical_experts_on_s3_retry_one_then_rerun_skips_the_finished(base, s3_server, tmp_path, monkeypatch):
     """Level 1: level1-expert1 dies at step 4 and is relaunched alone, resuming; level 2: two experts
     train, two fail (their data override is wrong) and stop the job; the re-run, override fixed,
     skips the four finished experts and trains the two. At most two experts train at a time."""
@@ -123,8 +125,9 @@ def test_hierarchical_experts_on_s3_retry_one_then_rerun_skips_the_finished(base
     train, ckpt = base
     experts = {
         "level1-expert0": {"steps": 4},
-        "level1-expert1": {"fail_at_step": 4, "max_failures": 0},  # its run dies once: retried
+        "level1-expert1": {"max_failures": 0},  # its run dies once (below): retried
     }
+    monkeypatch.setenv(faults.ENV, json.dumps({"train:level1-expert1": 4}))
     wrong = {name: {"data": str(tmp_path / "nowhere")} for name in ("level2-expert2", "level2-expert3")}
     cfg = FinetuneConfig(
         base=ckpt,

@@ -20,6 +20,7 @@ from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi.ensemble import intervals_from_boundaries, load_ensemble, write_manifest
 from ediffi.pipeline import SamplerConfig, sample, to_uint8
 from ediffi.presets import build_denoiser, get_preset
+from ediffi_platform import faults
 from ediffi_platform.config import to_dict
 from ediffi_platform.generate import GenerateConfig, SRStageConfig, image_settings, run_generate
 from ediffi_platform.prompts import PromptFileError, read_prompts
@@ -334,7 +335,7 @@ LONG = " ".join(["a small red circle"] * 8)  # 151 bytes: over the tiny T5's 128
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_two_actors_one_killed_model_weights_csv_and_truncation(job, ensemble, encoder, tmp_path):
+def test_two_actors_one_killed_model_weights_csv_and_truncation(job, ensemble, encoder, tmp_path, monkeypatch):
     """Two actors, one killed mid-batch: every image exactly once. The same run: use_ema=False samples
     the model weights; CSV seeds (a blank cell: the seed of the row's line); a repeated row is one
     image; a prompt over the T5 context is counted as truncated, in the summary and on its row."""
@@ -348,7 +349,8 @@ def test_two_actors_one_killed_model_weights_csv_and_truncation(job, ensemble, e
         ("shape 6", ""),
     ]
     (tmp_path / "p.csv").write_text("prompt,seed\n" + "".join(f"{p},{s}\n" for p, s in rows))
-    cfg = _cfg(job, tmp_path, tmp_path / "p.csv", batch_size=3, concurrency=2, fail_after=2, use_ema=False)
+    monkeypatch.setenv(faults.ENV, json.dumps({"generate": 2}))  # an actor dies after 2 images of a batch
+    cfg = _cfg(job, tmp_path, tmp_path / "p.csv", batch_size=3, concurrency=2, use_ema=False)
     s = run_generate(cfg, progress=lambda *_: None)
     assert (tmp_path / "out" / ".fail_injected").exists()  # an actor did die mid-batch
     meta = pq.read_table(str(tmp_path / "out" / "metadata")).to_pylist()

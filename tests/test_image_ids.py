@@ -21,10 +21,9 @@ from ediffi_platform.generate import (
     expand,
     image_settings,
     job_encoders,
-    model_id,
-    resolve_model,
 )
 from ediffi_platform.prompts import Request
+from ediffi_platform.runs import model_id, resolve_model
 from ediffi_platform.storage import StorageConfig
 from ediffi_platform.tracking import TrackingConfig
 
@@ -80,7 +79,6 @@ NEUTRAL_CHANGED = {
     "num_cpus": 2.0,
     "threads_per_actor": 3,
     "memory_format": "contiguous",
-    "fail_after": 2,
 }
 PER_ROW = {"model", "seed", "images_per_prompt", "paint_strength"}
 

@@ -26,14 +26,15 @@ from ediffi.ema import EMA, power_gamma
 from ediffi.encoders import EncoderConfig
 from ediffi.pipeline import SamplerConfig
 from ediffi.presets import build_denoiser, get_preset
+from ediffi_platform import faults
 from ediffi_platform.config import to_dict
 from ediffi_platform.generate import GenerateConfig, run_generate
 from ediffi_platform.reader import EpochCache, iter_batches, ray_dataset
+from ediffi_platform.runs import latest_checkpoint
 from ediffi_platform.tracking import TrackingConfig
 from ediffi_platform.train import (
     OptimConfig,
     TrainConfig,
-    latest_checkpoint,
     run_training,
     train_loop_per_worker,
     validate_training,
@@ -91,7 +92,6 @@ def runs(shared_emb, tmp_path_factory):
         tmp,
         steps=60,
         checkpoint_every=30,
-        fail_at_step=35,
         max_failures=1,
         optim=OptimConfig(lr=2e-3, warmup_steps=5, grad_accum=2),
         ema_sigma_rel=0.1,
@@ -107,7 +107,12 @@ def runs(shared_emb, tmp_path_factory):
         checkpoint_every=2,
         tracking=TrackingConfig(uri="http://127.0.0.1:9"),
     )
-    with warnings.catch_warnings(record=True) as caught, ThreadPoolExecutor(1) as pool:
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        warnings.catch_warnings(record=True) as caught,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        mp.setenv(faults.ENV, json.dumps({f"train:{base.name}": 35}))  # base's last worker dies at step 35
         warnings.simplefilter("always")  # process-wide: catches the SR thread's warning too
         sr_out = pool.submit(run_training, sr, progress=lambda *_: None)
         base_out = run_training(base, progress=lambda *_: None)
@@ -162,7 +167,6 @@ def test_resume_another_runs_checkpoint_on_s3_under_fsdp2_then_rerun_under_ddp(r
         steps=70,
         strategy="fsdp",
         cache_mb=0,
-        fail_at_step=None,
         checkpoint_every=5,
         sample_images=0,
     )

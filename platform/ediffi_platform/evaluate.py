@@ -25,7 +25,7 @@ from scipy import linalg
 
 from ediffi.encoders import EncoderConfig
 from ediffi_platform.config import to_dict
-from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join
+from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, is_url, join, with_scheme
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp")
 EXTRACTORS = ("inception_v3", "tiny")
@@ -165,18 +165,17 @@ def _image_items(root: str, storage: StorageConfig) -> list[dict]:
     fs, p = filesystem(root, storage)
     if not fs.exists(p):
         raise FileNotFoundError(f"{root}: not found")
-    scheme = root.split("://", 1)[0] + "://" if "://" in root else ""
     meta = join(p, "metadata")
     if fs.exists(meta) and fs.glob(join(meta, "part-*.parquet")):
         afs = arrow_filesystem(fs)
         rows = []
         for part in sorted(fs.glob(join(meta, "part-*.parquet"))):
             rows += pq.read_table(part, columns=["image", "prompt"], filesystem=afs).to_pylist()
-        return [{"uri": scheme + join(p, r["image"]), "prompt": r["prompt"], "jpg": None} for r in rows]
+        return [{"uri": with_scheme(join(p, r["image"]), root), "prompt": r["prompt"], "jpg": None} for r in rows]
     files = [f for f in fs.find(p) if f.lower().endswith(IMAGE_EXT)]
     if not files:
         raise FileNotFoundError(f"{root}: no images ({', '.join(IMAGE_EXT)})")
-    return [{"uri": scheme + f, "prompt": "", "jpg": None} for f in sorted(files)]
+    return [{"uri": with_scheme(f, root), "prompt": "", "jpg": None} for f in sorted(files)]
 
 
 def _dataset(root: str, storage: StorageConfig) -> ray.data.Dataset:
@@ -225,7 +224,7 @@ def _moments(ds: ray.data.Dataset, cfg: EvalConfig) -> dict:
 
 def run_evaluate(cfg: EvalConfig, progress=print) -> dict:
     """FID between the generated and reference sets, and the mean CLIP score of generated images."""
-    if cfg.fid_weights and "://" not in cfg.fid_weights and not os.path.isfile(cfg.fid_weights):
+    if cfg.fid_weights and not is_url(cfg.fid_weights) and not os.path.isfile(cfg.fid_weights):
         raise FileNotFoundError(f"fid_weights {cfg.fid_weights}: not found")
     gen = _moments(_dataset(cfg.generated, cfg.storage), cfg)
     ref = _moments(_dataset(cfg.reference, cfg.storage), cfg)

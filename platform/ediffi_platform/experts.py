@@ -21,14 +21,14 @@ import ray
 from ediffi.edm import NoiseDistribution
 from ediffi.ensemble import EDIFFI_BASE_QUANTILES, Interval, boundaries_from_quantiles, split_interval, tree_quantiles
 from ediffi.ensemble import intervals_from_boundaries as _intervals
-from ediffi.ensemble import write_manifest as _write_manifest
+from ediffi_platform import faults
 from ediffi_platform.config import JobFailed, from_dict, to_dict
-from ediffi_platform.storage import filesystem, join, read_json, write_json
-from ediffi_platform.tracking import Tracker, check_reachable, flatten, resolve
-from ediffi_platform.train import TrainConfig, latest_checkpoint, output_root, run_training, validate_training
+from ediffi_platform.runs import ENSEMBLE_MANIFEST, latest_checkpoint, resolve_checkpoint, write_ensemble_manifest
+from ediffi_platform.storage import absolute, filesystem, join, read_json, write_json
+from ediffi_platform.tracking import Tracker, flatten, usable
+from ediffi_platform.train import TrainConfig, run_training, validate_training
 
-MANIFEST = "manifest.json"
-STATE = "ensemble.json"  # the job's own state: MLflow parent run, experts finished
+JOB_STATE = "ensemble.json"  # the job's own state (not a manifest): MLflow parent run, experts finished
 
 
 @dataclass(frozen=True)
@@ -133,21 +133,15 @@ def _fit(train: dict) -> dict:
 def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
     """Fine-tune every expert of the plan (concurrently per level), then write the manifest."""
     storage = cfg.train.storage
-    output = output_root(cfg.output)
+    output = absolute(cfg.output)
     base = resolve_checkpoint(cfg.base, storage)
-    tracking = resolve(cfg.train.tracking)
-    reason = check_reachable(tracking)
-    if reason:
-        import warnings
-
-        warnings.warn(f"MLflow at {tracking.uri} is unreachable ({reason}); experts train untracked", stacklevel=2)
-        tracking = replace(tracking, enabled=False)
+    tracking = usable(cfg.train.tracking, "expert training")
     cfg = replace(cfg, output=output, train=replace(cfg.train, tracking=tracking))
     levels = expert_configs(cfg, base)
     validate_training(cfg.train)  # data, schema vs model: before anything starts
 
     fs, root = filesystem(output, storage)
-    state_file = join(root, STATE)
+    state_file = join(root, JOB_STATE)
     state = read_json(fs, state_file) if fs.exists(state_file) else {}
     parent = Tracker(tracking, run_id=state.get("mlflow_run_id"), run_name=cfg.name)
     if parent.run_id and not state.get("mlflow_run_id"):
@@ -184,10 +178,12 @@ def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
 
     intervals = [Interval(t.sigma_lo, t.sigma_hi) for _, _, t in levels[-1]]
     checkpoints = [done[name]["checkpoint"] for name, _, _ in levels[-1]]
-    manifest = write_manifest(output, intervals, checkpoints, {"base": base, "plan": to_dict(cfg.plan)}, storage)
+    manifest = write_ensemble_manifest(
+        output, intervals, checkpoints, {"base": base, "plan": to_dict(cfg.plan)}, storage
+    )
     with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, MANIFEST)
-        with fs.open(join(root, MANIFEST)) as src, open(local, "wb") as dst:
+        local = os.path.join(d, ENSEMBLE_MANIFEST)
+        with fs.open(join(root, ENSEMBLE_MANIFEST)) as src, open(local, "wb") as dst:
             dst.write(src.read())
         parent.artifact(local)
     parent.tag("manifest", manifest)
@@ -208,7 +204,7 @@ def _run_concurrently(jobs: list[tuple[str, TrainConfig]], retries: int, done: d
             f"experts: starting {name} [{t.sigma_lo:.4g}, {t.sigma_hi:.4g}) from {t.init_from} "
             f"(attempt {attempts[name]})"
         )
-        running[_fit.remote(to_dict(t))] = (name, t, time.time())
+        running[_fit.options(runtime_env=faults.runtime_env()).remote(to_dict(t))] = (name, t, time.time())
 
     for name, t in jobs:
         launch(name, t)
@@ -229,30 +225,3 @@ def _run_concurrently(jobs: list[tuple[str, TrainConfig]], retries: int, done: d
         done[name] = {**result, "attempts": attempts[name], "seconds": time.time() - t0}
         progress(f"experts: {name} finished at step {result['step']} in {time.time() - t0:.0f} s")
     return sorted(failed)
-
-
-def resolve_checkpoint(path: str, storage=None) -> str:
-    """A checkpoint folder as given, or the latest checkpoint of a training run folder."""
-    from ediffi_platform.storage import StorageConfig
-
-    storage = storage or StorageConfig()
-    fs, p = filesystem(path, storage)
-    if fs.exists(join(p, "config.json")):
-        return output_root(path)
-    ckpt, _ = latest_checkpoint(output_root(path), storage)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a training run with checkpoints")
-    return ckpt
-
-
-def write_manifest(output: str, intervals, checkpoints, metadata: dict, storage) -> str:
-    """The ensemble manifest in `output`, checkpoints relative to it (so the folder can move)."""
-    fs, root = filesystem(output, storage)
-    rel = [c.split("://", 1)[-1] for c in checkpoints]
-    rel = [os.path.relpath(c, root) if c.startswith(root.rstrip("/") + "/") else c for c in rel]
-    if "://" not in output:
-        return str(_write_manifest(os.path.join(output, MANIFEST), intervals, rel, metadata))
-    with tempfile.TemporaryDirectory() as d:
-        local = _write_manifest(os.path.join(d, MANIFEST), intervals, rel, metadata)
-        fs.put(str(local), join(root, MANIFEST))
-    return join(output, MANIFEST)

@@ -13,10 +13,8 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,16 +22,18 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ediffi.checkpoint import CONFIG_FILE, EMA_FILE, MODEL_FILE, read_config
+from ediffi.checkpoint import EMA_FILE, read_config
 from ediffi.encoders import ConditioningEncoder, EncoderConfig, encoder_spec
 from ediffi.pipeline import SamplerConfig, check_compatible, grid, sample, to_uint8
 from ediffi.presets import memory_format
 from ediffi.sr import Stage, cascade
+from ediffi_platform import faults
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import JobFailed, from_dict, to_dict
 from ediffi_platform.prompts import MAX_IMAGES_PER_ROW, RANGES, Request, read_prompts, require_prompts
-from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join, write_json
-from ediffi_platform.tracking import Tracker, TrackingConfig, check_reachable, flatten, resolve
+from ediffi_platform.runs import fetch_model, is_ensemble_manifest, model_config, model_id, model_network, resolve_model
+from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, is_absolute, is_url, join, write_json
+from ediffi_platform.tracking import Tracker, TrackingConfig, flatten, usable
 
 IMAGE_FORMATS = {"png": "PNG", "webp": "WEBP"}
 AUTO_SEED_MAX = 2**62  # cfg.seed: seed + 1000 * line + k stays in int64 for any file under 4e15 lines
@@ -81,7 +81,6 @@ class GenerateConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
     ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
-    fail_after: int | None = None  # testing only: an actor dies once after writing this many images of a batch
 
     def __post_init__(self) -> None:
         if self.on_bad_row not in ("skip", "fail"):
@@ -103,48 +102,7 @@ class GenerateConfig:
         memory_format(self.memory_format, "cpu")
 
 
-# --- the model: a manifest, a checkpoint or a run folder, local or on S3 ------------------------
-
-
-def _is_manifest(path: str) -> bool:
-    return path.endswith(".json")
-
-
-def fetch_model(uri: str, storage: StorageConfig, cache: str | None = None) -> str:
-    """A local path to the model: as given when local, else downloaded (a manifest with the
-    checkpoints it names, or one checkpoint folder) into `cache`."""
-    if "://" not in uri:
-        return uri
-    fs, path = filesystem(uri, storage)
-    cache = cache or tempfile.mkdtemp(prefix="ediffi-model-")
-    if not _is_manifest(path):
-        fs.get(path.rstrip("/") + "/", cache, recursive=True)
-        return cache
-    local = os.path.join(cache, os.path.basename(path))
-    fs.get(path, local)
-    doc = json.loads(Path(local).read_text())
-    for e in doc.get("experts", []):
-        ck = e.get("checkpoint", "")
-        if "://" in ck or ck.startswith("/"):
-            src, rel = ck, hashlib.sha1(ck.encode()).hexdigest()[:12]
-            e["checkpoint"] = rel
-        else:
-            src, rel = join(path.rsplit("/", 1)[0], ck), ck
-        fs.get(src.split("://", 1)[-1].rstrip("/") + "/", os.path.join(cache, rel), recursive=True)
-    Path(local).write_text(json.dumps(doc, indent=2))
-    return local
-
-
-def resolve_model(uri: str, storage: StorageConfig) -> str:
-    """A manifest or checkpoint as given; a training run folder -> its latest checkpoint."""
-    if _is_manifest(uri):
-        fs, p = filesystem(uri, storage)
-        if not fs.exists(p):
-            raise FileNotFoundError(f"{uri}: ensemble manifest not found")
-        return uri
-    from ediffi_platform.experts import resolve_checkpoint
-
-    return resolve_checkpoint(uri, storage)
+# --- the model (found and fetched by ediffi_platform.runs) ---------------------------------------
 
 
 def load_model(local: str, use_ema: bool, device: str, layout: str = "contiguous"):
@@ -154,49 +112,16 @@ def load_model(local: str, use_ema: bool, device: str, layout: str = "contiguous
     from ediffi.ensemble import load_ensemble, read_manifest
 
     fmt = memory_format(layout, device)
-    if _is_manifest(local):
+    if is_ensemble_manifest(local):
         first = read_manifest(local)[1][0]
         net_cfg, meta = read_config(first)
         ensemble = load_ensemble(local, use_ema=use_ema, device=device)
         for expert in ensemble.experts:
             expert.to(memory_format=fmt)
         return ensemble, net_cfg, meta
-    ema = use_ema and os.path.isfile(os.path.join(local, "ema.safetensors"))
+    ema = use_ema and os.path.isfile(os.path.join(local, EMA_FILE))
     D, meta = load_checkpoint(local, use_ema=ema, device=device)
     return D.to(memory_format=fmt), read_config(local)[0], meta
-
-
-def _expert_folder(manifest: str, checkpoint: str) -> str:
-    """A manifest entry's checkpoint folder as a filesystem path (entries are relative to the manifest)."""
-    if "://" in checkpoint or checkpoint.startswith("/"):
-        return checkpoint.split("://", 1)[-1]
-    return join(manifest.rsplit("/", 1)[0], checkpoint)
-
-
-def model_id(uri: str, storage: StorageConfig) -> str:
-    """A short hash of what the model is: the manifest (if any) and every checkpoint's config.json,
-    whose weight digests change with the weights; a checkpoint saved before digests were recorded
-    has its weight files hashed here instead."""
-    fs, p = filesystem(uri, storage)
-    h = hashlib.sha1()
-    folders = [p]
-    if _is_manifest(uri):
-        doc = fs.cat(p)
-        h.update(doc)
-        try:
-            folders = [_expert_folder(p, e["checkpoint"]) for e in json.loads(doc)["experts"]]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{uri}: not a valid ensemble manifest ({e!r})") from None
-    for folder in folders:
-        config = fs.cat(join(folder, CONFIG_FILE))
-        h.update(config)
-        if "weights" not in json.loads(config):
-            for f in (MODEL_FILE, EMA_FILE):
-                if fs.exists(join(folder, f)):
-                    with fs.open(join(folder, f), "rb") as fh:
-                        for block in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(block)
-    return h.hexdigest()[:12]
 
 
 # --- rows: one per requested image ---------------------------------------------------------------
@@ -213,7 +138,6 @@ NOT_IN_IMAGE_ID = frozenset(
         *("model", "seed", "images_per_prompt", "paint_strength"),
         # how the work is spread: the same pixels up to float rounding
         *("batch_size", "concurrency", "num_gpus", "num_cpus", "threads_per_actor", "memory_format"),
-        "fail_after",
     }
 )
 
@@ -260,10 +184,10 @@ def expand(requests: list[Request], cfg: GenerateConfig, settings: dict) -> list
 
 def _resolve(path: str, prompts: str) -> str:
     """A path from a prompt row: absolute and URLs as given, others relative to the prompt file."""
-    if "://" in path or path.startswith("/"):
+    if is_absolute(path):
         return path
     base = prompts.rsplit("/", 1)[0] if "/" in prompts else "."
-    return join(base, path) if "://" in base else os.path.abspath(os.path.join(base, path))
+    return join(base, path) if is_url(base) else os.path.abspath(os.path.join(base, path))
 
 
 def _resolve_masks(masks: dict, prompts: str) -> dict:
@@ -283,7 +207,7 @@ def check_requests(requests: list[Request], cfg: GenerateConfig, tokenizers) -> 
                     raise ValueError(f"style image {r.style!r} not found")
             for phrase, spec in _resolve_masks(r.masks or {}, cfg.prompts).items():
                 phrase_tokens(tokenizers, r.prompt, phrase)
-                if isinstance(spec, str) and "://" in spec:
+                if isinstance(spec, str) and is_url(spec):
                     fs, p = filesystem(spec, cfg.storage)
                     if not fs.exists(p):
                         raise ValueError(f"mask image {spec!r} not found")
@@ -326,8 +250,10 @@ class _Timed:
 class ImageGenerator:
     """Ray Data callable class: model and encoders loaded once; a batch of rows -> images, metadata."""
 
-    def __init__(self, cfg: GenerateConfig, model: str, mid: str, encoders: dict, sr_models: tuple = ()):
-        self.cfg, self.model, self.mid = cfg, model, mid
+    def __init__(
+        self, cfg: GenerateConfig, model: str, mid: str, encoders: dict, sr_models: tuple = (), fail_after=None
+    ):
+        self.cfg, self.model, self.mid, self.fail_after = cfg, model, mid, fail_after
         self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         torch.set_num_threads(cfg.threads_per_actor or max(1, math.ceil(cfg.num_cpus)))
         local = fetch_model(model, cfg.storage)
@@ -385,8 +311,8 @@ class ImageGenerator:
         t2 = time.perf_counter()
         for n, (r, img) in enumerate(zip(rows, images, strict=True)):
             self._write_image(r["id"], img)
-            if self.cfg.fail_after is not None and n + 1 == self.cfg.fail_after:
-                self._maybe_die()
+            if n + 1 == self.fail_after:  # testing only (EDIFFI_TEST_FAULTS)
+                faults.die_once(join(self.root, faults.MARKER), self.cfg.storage)
         t3 = time.perf_counter()
         per = (t3 - t0) / len(rows)
         meta = {
@@ -442,7 +368,7 @@ class ImageGenerator:
 
         out = {}
         for phrase, spec in json.loads(row["masks"]).items():
-            if isinstance(spec, str) and "://" in spec:
+            if isinstance(spec, str) and is_url(spec):
                 fs, p = filesystem(spec, self.cfg.storage)
                 with fs.open(p, "rb") as f:
                     spec = np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255.0
@@ -456,13 +382,6 @@ class ImageGenerator:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(path, "wb") as f:
             Image.fromarray(img).save(f, format=IMAGE_FORMATS[self.cfg.image_format])
-
-    def _maybe_die(self) -> None:
-        marker = join(self.root, ".fail_injected")
-        if not self.fs.exists(marker):
-            with self.fs.open(marker, "w") as f:
-                f.write("testing: one generator actor died here\n")
-            os._exit(1)
 
 
 def run_generate(cfg: GenerateConfig, progress=print) -> dict:
@@ -479,7 +398,7 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     model = resolve_model(cfg.model, cfg.storage)
     sr_models = tuple(resolve_model(st.model, cfg.storage) for st in cfg.sr_stages)
     for uri in sr_models:
-        if not _model_network(uri, cfg.storage).sr:
+        if not model_network(uri, cfg.storage).sr:
             raise ValueError(f"sr_stages: {uri} is not a super-resolution model")
     mid = model_id(model, cfg.storage)
     encoders = job_encoders(cfg, model)
@@ -488,7 +407,7 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     if any(r.style or r.masks for r in requests):
         from ediffi.encoders import load_tokenizers
 
-        net_cfg = _model_network(model, cfg.storage)
+        net_cfg = model_network(model, cfg.storage)
         tokenizers = load_tokenizers(from_dict(EncoderConfig, encoders), net_cfg.cond)
         for r, reason in check_requests(requests, cfg, tokenizers):
             if cfg.on_bad_row == "fail":
@@ -497,13 +416,7 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
             pstats.bad.append((r.line, reason))
             requests = [q for q in requests if q is not r]
     require_prompts(cfg.prompts, requests, pstats)
-    tracking = resolve(cfg.tracking)
-    reason = check_reachable(tracking)
-    if reason:
-        import warnings
-
-        warnings.warn(f"MLflow at {tracking.uri} is unreachable ({reason}); generating untracked", stacklevel=2)
-        tracking = replace(tracking, enabled=False)
+    tracking = usable(cfg.tracking, "generation")
     ensure_ray(cfg.ray_address)
 
     # 2. Rows, minus what an earlier run wrote.
@@ -529,6 +442,7 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
                 "mid": mid,
                 "encoders": encoders,
                 "sr_models": sr_models,
+                "fail_after": faults.planned("generate"),
             },
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
@@ -571,26 +485,12 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     return summary
 
 
-def _model_config_doc(model: str, storage: StorageConfig) -> dict:
-    """config.json of the model's (first) checkpoint."""
-    fs, p = filesystem(model, storage)
-    if _is_manifest(model):
-        p = _expert_folder(p, json.loads(fs.cat(p))["experts"][0]["checkpoint"])
-    return json.loads(fs.cat(join(p, CONFIG_FILE)))
-
-
-def _model_network(model: str, storage: StorageConfig):
-    from ediffi.unet import UNetConfig
-
-    return UNetConfig.from_dict(_model_config_doc(model, storage)["network"])
-
-
 def check_encoders(encoders: dict, models: tuple[str, ...], storage: StorageConfig) -> None:
     """Fail before any actor starts when the encoders' output shapes do not fit a model's conditioning."""
     spec = encoder_spec(from_dict(EncoderConfig, encoders))
     for m in models:
         if spec is not None:
-            diff = spec.first_difference(_model_network(m, storage).cond)
+            diff = spec.first_difference(model_network(m, storage).cond)
             if diff:
                 name, got, want = diff
                 raise ValueError(
@@ -603,7 +503,7 @@ def job_encoders(cfg: GenerateConfig, model: str) -> dict:
     """The encoders the job runs: cfg.encoders when set, else those recorded with the model."""
     if cfg.encoders:
         return to_dict(cfg.encoders)
-    meta = _model_config_doc(model, cfg.storage).get("metadata", {})
+    meta = model_config(model, cfg.storage).get("metadata", {})
     if not meta.get("encoders"):
         raise ValueError(
             f"{model}: the checkpoint does not record its encoders (trained before they were recorded); "

@@ -40,6 +40,7 @@ from ediffi_platform.ingest import (
     read_and_decode,
     shard_name,
 )
+from ediffi_platform.runs import EMBEDDINGS_MANIFEST
 from ediffi_platform.shards import ShardMeta, build_table, read_meta
 from ediffi_platform.storage import (
     StorageConfig,
@@ -50,7 +51,6 @@ from ediffi_platform.storage import (
     write_json,
 )
 
-MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS.json"
 MANIFEST_FORMAT = "ediffi-embeddings"
 
@@ -249,11 +249,11 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
         run = {"rows": 0}
     run.update(processed_shards=sorted(shard_name(p) for p in pending), skipped_shards=skipped)
     run["seconds"] = round(time.time() - t0, 2)
-    return _write_manifest(out_fs, out_root, cfg, sorted(expected), run, progress)
+    return _write_embeddings_manifest(out_fs, out_root, cfg, sorted(expected), run, progress)
 
 
 def _check_output_compatible(fs, root: str, cfg: PrecomputeConfig) -> None:
-    path = join(root, MANIFEST)
+    path = join(root, EMBEDDINGS_MANIFEST)
     if not fs.exists(path):
         return
     old = read_json(fs, path)
@@ -280,7 +280,7 @@ def _first_meta(fs, root: str, names: list[str]) -> dict | None:
     return None
 
 
-def _write_manifest(fs, root: str, cfg: PrecomputeConfig, names: list[str], run: dict, progress) -> dict:
+def _write_embeddings_manifest(fs, root: str, cfg: PrecomputeConfig, names: list[str], run: dict, progress) -> dict:
     per_shard = {n: read_json(fs, join(root, n, SUCCESS)) for n in names}
     totals = _empty_stats()
     for s in per_shard.values():
@@ -300,10 +300,10 @@ def _write_manifest(fs, root: str, cfg: PrecomputeConfig, names: list[str], run:
         "shards": per_shard,
         "last_run": run,
     }
-    write_json(fs, join(root, MANIFEST), doc)
+    write_json(fs, join(root, EMBEDDINGS_MANIFEST), doc)
     progress(
         f"precompute: {totals['written']}/{totals['rows_read']} rows written, dropped {totals['dropped']}, "
         f"{totals['normalized_captions']} captions normalised; this run: {len(run['processed_shards'])} shards "
-        f"processed, {len(run['skipped_shards'])} skipped (done earlier); manifest {join(cfg.output, MANIFEST)}"
+        f"processed, {len(run['skipped_shards'])} skipped (done earlier); manifest {join(cfg.output, EMBEDDINGS_MANIFEST)}"
     )
     return doc

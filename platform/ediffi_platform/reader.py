@@ -13,6 +13,7 @@ import ray
 import torch
 
 from ediffi.conditioning import Cond
+from ediffi_platform.runs import EMBEDDINGS_MANIFEST
 from ediffi_platform.shards import ShardMeta, read_meta, to_tensors
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, join, read_json
 
@@ -21,20 +22,20 @@ def shard_files(root_url: str, storage: StorageConfig = StorageConfig()) -> tupl
     """Part files of every completed shard under an embedding folder, and their common layout."""
     # Here, not at the top: the precompute module imports the encoders (open_clip, transformers:
     # ~2 s), which a training worker or read task never needs.
-    from ediffi_platform.precompute import MANIFEST, SUCCESS
+    from ediffi_platform.precompute import SUCCESS
 
     fs, root = filesystem(root_url, storage)
-    if not fs.exists(join(root, MANIFEST)):
-        raise FileNotFoundError(f"{root_url}: no {MANIFEST}; run jobs/precompute_embeddings.py first")
+    if not fs.exists(join(root, EMBEDDINGS_MANIFEST)):
+        raise FileNotFoundError(f"{root_url}: no {EMBEDDINGS_MANIFEST}; run jobs/precompute_embeddings.py first")
     files = []
     for marker in sorted(fs.glob(join(root, "*", SUCCESS))):
         files += sorted(fs.glob(join(marker.rsplit("/", 1)[0], "part-*.parquet")))
     if not files:
         raise FileNotFoundError(f"{root_url}: no completed embedding shards")
     meta = read_meta(pq.read_schema(files[0], filesystem=arrow_filesystem(fs)), files[0])
-    doc = read_json(fs, join(root, MANIFEST))
+    doc = read_json(fs, join(root, EMBEDDINGS_MANIFEST))
     if doc.get("meta") and ShardMeta.from_json(json.dumps(doc["meta"])) != meta:
-        raise ValueError(f"{root_url}: {files[0]} disagrees with {MANIFEST} about the layout")
+        raise ValueError(f"{root_url}: {files[0]} disagrees with {EMBEDDINGS_MANIFEST} about the layout")
     return files, meta
 
 

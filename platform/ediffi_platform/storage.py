@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import fsspec
@@ -64,3 +65,29 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict:
     """Read a JSON document."""
     with fs.open(path, "r") as f:
         return json.loads(f.read())
+
+
+def is_url(path: str) -> bool:
+    """True for URLs (s3://...), False for local paths."""
+    return "://" in path
+
+
+def key(path: str) -> str:
+    """The path inside its filesystem: a URL without its scheme, a local path as given."""
+    return path.split("://", 1)[-1]
+
+
+def with_scheme(path: str, like: str) -> str:
+    """A path inside a filesystem (as fsspec and Ray return them) as a URL of `like`'s scheme;
+    unchanged when `like` is local."""
+    return f"{like.split('://', 1)[0]}://{key(path)}" if is_url(like) else path
+
+
+def absolute(path: str) -> str:
+    """A storage root as every process must see it: URLs as given, local paths made absolute."""
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def is_absolute(path: str) -> bool:
+    """A URL or an absolute local path (not relative to some folder)."""
+    return is_url(path) or path.startswith("/")

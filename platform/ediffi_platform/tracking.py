@@ -133,3 +133,14 @@ def check_reachable(cfg: TrackingConfig) -> str | None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def usable(cfg: TrackingConfig, job: str) -> TrackingConfig:
+    """The resolved tracking settings a job runs with: tracking switched off, with one warning,
+    when the store does not answer (the job itself goes on)."""
+    cfg = resolve(cfg)
+    reason = check_reachable(cfg)
+    if reason:
+        warnings.warn(f"MLflow at {cfg.uri} is unreachable ({reason}); {job} continues untracked", stacklevel=3)
+        cfg = replace(cfg, enabled=False)
+    return cfg

@@ -10,12 +10,9 @@ epoch's data order from (seed, epoch) (see `EpochCache`).
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +23,9 @@ import ray.train.torch
 import torch
 
 from ediffi.checkpoint import (
+    CONFIG_FILE,
+    EMA_FILE,
+    TRAINER_FILE,
     load_checkpoint,
     load_training_state,
     read_optimizer_state,
@@ -47,11 +47,22 @@ from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
 from ediffi.presets import PRESETS, build_denoiser, get_preset, memory_format
 from ediffi.sr import SRConfig, augment, degrade
 from ediffi.training import step_seed, train_step
+from ediffi_platform import faults
 from ediffi_platform.config import from_dict, to_dict
 from ediffi_platform.reader import EpochCache, ray_dataset, shard_files
+from ediffi_platform.runs import data_encoders, is_checkpoint, latest_checkpoint, training_state
 from ediffi_platform.shards import check_compatible
-from ediffi_platform.storage import StorageConfig, filesystem, join, read_json
-from ediffi_platform.tracking import Tracker, TrackingConfig, check_reachable, flatten, resolve
+from ediffi_platform.storage import (
+    StorageConfig,
+    absolute,
+    arrow_filesystem,
+    filesystem,
+    is_url,
+    join,
+    key,
+    with_scheme,
+)
+from ediffi_platform.tracking import Tracker, TrackingConfig, flatten, usable
 
 SIGMA_BUCKETS = (0.0, 0.05, 0.2, 1.0, 5.0, math.inf)  # per-noise-level loss buckets for metrics
 
@@ -107,7 +118,6 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
     ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
-    fail_at_step: int | None = None  # testing only: the last worker dies once (per output/name) at this step
 
     def noise(self) -> NoiseDistribution:
         """The training noise distribution, restricted to [sigma_lo, sigma_hi)."""
@@ -149,27 +159,6 @@ def _bucket_losses(per_sample: torch.Tensor, sigma: torch.Tensor) -> dict[str, t
     return out
 
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer.json")
-
-
-def latest_checkpoint(run: str, storage: StorageConfig = StorageConfig()) -> tuple[str | None, int]:
-    """The checkpoint with the highest step in a run folder (Ray's checkpoint_* folders) and its step;
-    (None, -1) when there is none."""
-    fs, root = filesystem(run, storage)
-    best, best_step = None, -1
-    for marker in fs.glob(join(root, "checkpoint_*", "trainer.json")):
-        folder = marker.rsplit("/", 1)[0]
-        if not all(fs.exists(join(folder, f)) for f in CHECKPOINT_FILES):
-            continue  # a copy cut short (the process died while it was being written)
-        with fs.open(marker) as f:
-            step = json.load(f)["state"]["step"]
-        if step > best_step:
-            best, best_step = folder, step
-    if best is None:
-        return None, -1
-    return (best if "://" not in run else f"{run.split('://')[0]}://{best}"), best_step
-
-
 def _latest_checkpoint(cfg: TrainConfig) -> str | None:
     return latest_checkpoint(join(cfg.output, cfg.name), cfg.storage)[0]
 
@@ -189,7 +178,9 @@ def train_loop_per_worker(config: dict) -> dict:
     state = {"step": 0, "epoch": 0, "batches_into_epoch": 0, "mlflow_run_id": config.get("run_id")}
     ckpt = ray.train.get_checkpoint()  # after a worker failure: this run's latest registered one
     stored, stored_step = latest_checkpoint(join(cfg.output, cfg.name), cfg.storage)
-    if stored and (ckpt is None or _read_state(_uri(ckpt, cfg.output), cfg.storage)["step"] < stored_step):
+    if stored and (
+        ckpt is None or training_state(with_scheme(ckpt.path, cfg.output), cfg.storage)["step"] < stored_step
+    ):
         # A worker can die after its checkpoint reached storage but before the controller
         # registered it; the newest complete checkpoint on storage is the one to resume from.
         ckpt = _checkpoint_at(stored, cfg.storage)
@@ -199,14 +190,14 @@ def train_loop_per_worker(config: dict) -> dict:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
-            restore = (read_weights(Path(d) / "ema.safetensors"), read_optimizer_state(d))
+            restore = (read_weights(Path(d) / EMA_FILE), read_optimizer_state(d))
             state = {**load_training_state(d), "mlflow_run_id": config.get("run_id")}  # the driver's choice
     elif cfg.init_from:  # an expert starts from its parent: its weights, and its EMA continues the parent's
         with _checkpoint_at(cfg.init_from, cfg.storage).as_directory() as d:
             D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
-            if (Path(d) / "ema.safetensors").exists():
-                parent = load_training_state(d) if (Path(d) / "trainer.json").exists() else {}
-                restore = (read_weights(Path(d) / "ema.safetensors"), None)
+            if (Path(d) / EMA_FILE).exists():
+                parent = load_training_state(d) if (Path(d) / TRAINER_FILE).exists() else {}
+                restore = (read_weights(Path(d) / EMA_FILE), None)
                 state["ema_updates"] = parent.get("ema_updates", parent.get("step", 0))
     # FSDP2 shards parameters along their first dimension: keep its default layout.
     D.to(device, memory_format=memory_format("contiguous" if cfg.strategy == "fsdp" else cfg.memory_format, device))
@@ -262,8 +253,8 @@ def train_loop_per_worker(config: dict) -> dict:
             ema.update(D.net)
             state["step"] += 1
             _accumulate(window, res, cfg.batch_size * cfg.optim.grad_accum * world)
-            if config.get("fail_marker") and state["step"] == cfg.fail_at_step and rank == world - 1:
-                _die_once(config["fail_marker"], cfg.storage)  # testing only: a worker process dies mid-run
+            if state["step"] == config.get("fail_at_step") and rank == world - 1:
+                faults.die_once(config["fail_marker"], cfg.storage)  # testing only (EDIFFI_TEST_FAULTS)
             last = state["step"] == cfg.steps
             metrics = (
                 _window_metrics(window, net_cfg, state["step"])
@@ -401,48 +392,14 @@ def validate_training(cfg: TrainConfig) -> dict:
     return meta
 
 
-def data_encoders(data: str, storage: StorageConfig) -> dict | None:
-    """The encoder settings recorded in an embedding folder's manifest (None if it has none)."""
-    from ediffi_platform.precompute import MANIFEST
-
-    fs, root = filesystem(data, storage)
-    return read_json(fs, join(root, MANIFEST)).get("encoders")
-
-
-def output_root(output: str) -> str:
-    """A storage root as workers must see it: URLs as given, local folders made absolute."""
-    return output if "://" in output else os.path.abspath(output)
-
-
-def fail_marker(cfg: TrainConfig) -> str:
-    """Testing only: the file in the run's folder whose presence means its injected failure already
-    happened (once per run, also across reruns; a new output folder fails anew)."""
-    return join(output_root(cfg.output), cfg.name, ".fail_injected")
-
-
-def _die_once(marker: str, storage: StorageConfig) -> None:
-    """Testing only: leave the marker and end this process, unless the marker is already there."""
-    fs, path = filesystem(marker, storage)
-    if fs.exists(path):
-        return
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        f.write("testing: a training worker died here\n")
-    os._exit(1)
-
-
 def run_training(cfg: TrainConfig, progress=print) -> dict:
     """Validate everything the workers will need, then fit (resuming from the latest checkpoint)."""
     from ray.train.torch import TorchTrainer
 
     # 1. Before any worker starts: data, schema vs model, tracking.
     meta = validate_training(cfg)
-    tracking = resolve(cfg.tracking)
-    reason = check_reachable(tracking)
-    if reason:
-        warnings.warn(f"MLflow at {tracking.uri} is unreachable ({reason}); training continues untracked", stacklevel=2)
-        tracking = replace(tracking, enabled=False)
-    output = output_root(cfg.output)
+    tracking = usable(cfg.tracking, "training")
+    output = absolute(cfg.output)
     cfg = replace(cfg, tracking=tracking, output=output)
     if cfg.init_from:
         _checkpoint_at(cfg.init_from, cfg.storage)  # fails now, naming the path, if it is not a checkpoint
@@ -452,8 +409,8 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     resume = _latest_checkpoint(cfg) or cfg.resume
     run_id = None
     if resume:
-        state = _read_state(resume, cfg.storage)
-        own = resume.split("://", 1)[-1].startswith(join(output, cfg.name).split("://", 1)[-1] + "/")
+        state = training_state(resume, cfg.storage)
+        own = key(resume).startswith(key(join(output, cfg.name)) + "/")
         run_id = state.get("mlflow_run_id") if own else None  # another run's checkpoint: a new MLflow run
         progress(f"train {cfg.name}: resuming from {resume} (step {state['step']})")
         if state["step"] >= cfg.steps:
@@ -467,14 +424,14 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     # 3. Fit.
     fs, _ = filesystem(output, cfg.storage)
     ds, _ = ray_dataset(cfg.data, cfg.storage)
-    marker = fail_marker(cfg) if cfg.fail_at_step else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": to_dict(cfg),
             "meta": meta,
             "run_id": run_id,
-            "fail_marker": marker,
+            "fail_at_step": faults.planned(f"train:{cfg.name}"),
+            "fail_marker": join(output, cfg.name, faults.MARKER),
             "resume": resume,
             "encoders": data_encoders(cfg.data, cfg.storage),
         },
@@ -483,44 +440,22 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=output.split("://", 1)[1] if "://" in output else output,
-            storage_filesystem=_arrow_fs(fs) if "://" in output else None,
+            storage_path=key(output),
+            storage_filesystem=arrow_filesystem(fs) if is_url(output) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"train": ds},
     )
     result = trainer.fit()
     done = result.return_value or {}
-    path = result.checkpoint.path if result.checkpoint else None
-    if path and "://" in output:
-        path = f"{output.split('://', 1)[0]}://{path}"
+    path = with_scheme(result.checkpoint.path, output) if result.checkpoint else None
     progress(f"train {cfg.name}: finished at step {done.get('step')}; checkpoint {path}")
     return {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id}
 
 
-def _uri(ckpt: ray.train.Checkpoint, output: str) -> str:
-    """A Ray checkpoint's location in the form `filesystem()` takes (scheme of the run's output)."""
-    return f"{output.split('://', 1)[0]}://{ckpt.path}" if "://" in output else ckpt.path
-
-
 def _checkpoint_at(uri: str, storage: StorageConfig) -> ray.train.Checkpoint:
     """A checkpoint directory (local or s3://) as a Ray checkpoint, for `as_directory()`."""
+    if not is_checkpoint(uri, storage):
+        raise FileNotFoundError(f"{uri}: not an ediffi checkpoint (no {CONFIG_FILE})")
     fs, path = filesystem(uri, storage)
-    if not fs.exists(join(path, "config.json")):
-        raise FileNotFoundError(f"{uri}: not an ediffi checkpoint (no config.json)")
-    return ray.train.Checkpoint(path, filesystem=_arrow_fs(fs) if "://" in uri else None)
-
-
-def _arrow_fs(fs):
-    from ediffi_platform.storage import arrow_filesystem
-
-    return arrow_filesystem(fs)
-
-
-def _read_state(ckpt: str, storage: StorageConfig) -> dict:
-    fs, p = filesystem(ckpt, storage)
-    f = join(p, "trainer.json")
-    if not fs.exists(f):
-        raise FileNotFoundError(f"{ckpt}: not a training checkpoint (no trainer.json)")
-    with fs.open(f) as fh:
-        return json.load(fh)["state"]
+    return ray.train.Checkpoint(path, filesystem=arrow_filesystem(fs) if is_url(uri) else None)
