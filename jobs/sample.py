@@ -1,7 +1,7 @@
 """Sample images from a checkpoint, an expert ensemble, or (smoke run) an untrained preset.
 
 python jobs/sample.py --prompts "a small red circle" "a big blue square" --out outputs/sample
-python jobs/sample.py --manifest runs/experts/ensemble.json --prompts "..." --steps 32 --guidance 2
+python jobs/sample.py --manifest runs/experts/manifest.json --prompts "..." --steps 32 --guidance 2
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from ediffi.presets import TINY_COND
 from ediffi_platform.shards import (
     ShardMeta,
     build_table,
-    check_compatible,
+    check_shards_fit,
     column_array,
     read_meta,
     to_tensors,
@@ -55,8 +55,8 @@ def test_layout_errors():
 
 
 def test_compatibility_with_a_model():
-    check_compatible(META, TINY_COND, 8)
+    check_shards_fit(META, TINY_COND, 8)
     with pytest.raises(ValueError, match="shards hold 8px images, the model expects 32px"):
-        check_compatible(META, TINY_COND, 32)
+        check_shards_fit(META, TINY_COND, 32)
     with pytest.raises(ValueError, match="shards have t5_dim=32, the model expects t5_dim=4096"):
-        check_compatible(META, CondSpec(t5_len=128, t5_dim=4096, clip_dim=32, clip_embed_dim=32), 8)
+        check_shards_fit(META, CondSpec(t5_len=128, t5_dim=4096, clip_dim=32, clip_embed_dim=32), 8)

@@ -132,43 +132,34 @@ def _fit(train: dict) -> dict:
 
 def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
     """Fine-tune every expert of the plan (concurrently per level), then write the manifest."""
+    # Before anything starts: the base checkpoint, tracking, data and schema vs model.
     storage = cfg.train.storage
-    output = absolute(cfg.output)
     base = resolve_checkpoint(cfg.base, storage)
     tracking = usable(cfg.train.tracking, "expert training")
-    cfg = replace(cfg, output=output, train=replace(cfg.train, tracking=tracking))
+    cfg = replace(cfg, output=absolute(cfg.output), train=replace(cfg.train, tracking=tracking))
     levels = expert_configs(cfg, base)
-    validate_training(cfg.train)  # data, schema vs model: before anything starts
+    validate_training(cfg.train)
 
-    fs, root = filesystem(output, storage)
-    state_file = join(root, JOB_STATE)
-    state = read_json(fs, state_file) if fs.exists(state_file) else {}
+    # The job's state (its MLflow parent run) and the experts, level by level.
+    fs, root = filesystem(cfg.output, storage)
+    state = read_json(fs, join(root, JOB_STATE)) if fs.exists(join(root, JOB_STATE)) else {}
     parent = Tracker(tracking, run_id=state.get("mlflow_run_id"), run_name=cfg.name)
     if parent.run_id and not state.get("mlflow_run_id"):
         parent.params(flatten({"base": base, "plan": to_dict(cfg.plan), "retries": cfg.retries}))
         parent.params(flatten({"train": to_dict(cfg.train)}))
     state["mlflow_run_id"] = parent.run_id
-    write_json(fs, state_file, state)
+    write_json(fs, join(root, JOB_STATE), state)
     tracking = replace(tracking, parent_run_id=parent.run_id)
-
     done: dict[str, dict] = {}
     for level in levels:
-        jobs = []
-        for name, parent_name, t in level:
-            t = replace(t, tracking=tracking)
-            if parent_name is not None:
-                t = replace(t, init_from=done[parent_name]["checkpoint"])
-            params = {f"{name}.sigma_lo": t.sigma_lo, f"{name}.sigma_hi": t.sigma_hi, f"{name}.steps": t.steps}
-            parent.params(flatten(params))
-            ckpt, step = latest_checkpoint(join(output, name), storage)
-            if step >= t.steps:
-                progress(
-                    f"experts: {name} [{t.sigma_lo:.4g}, {t.sigma_hi:.4g}) finished earlier (step {step}); skipped"
-                )
-                done[name] = {"checkpoint": ckpt, "step": step, "skipped": True}
-                continue
-            jobs.append((name, t))
-        failed = _run_concurrently(jobs, cfg.retries, done, progress)
+        jobs = [
+            (name, _from_parent(replace(t, tracking=tracking), parent_name, done)) for name, parent_name, t in level
+        ]
+        for name, t in jobs:
+            parent.params(
+                flatten({f"{name}.sigma_lo": t.sigma_lo, f"{name}.sigma_hi": t.sigma_hi, f"{name}.steps": t.steps})
+            )
+        failed = _run_concurrently(_unfinished(jobs, storage, done, progress), cfg.retries, done, progress)
         if failed:
             parent.finish("FAILED")
             raise JobFailed(
@@ -176,22 +167,39 @@ def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
                 f"(finished experts are skipped)"
             )
 
+    # The manifest of the last level, also an MLflow artifact.
     intervals = [Interval(t.sigma_lo, t.sigma_hi) for _, _, t in levels[-1]]
     checkpoints = [done[name]["checkpoint"] for name, _, _ in levels[-1]]
-    manifest = write_ensemble_manifest(
-        output, intervals, checkpoints, {"base": base, "plan": to_dict(cfg.plan)}, storage
-    )
+    metadata = {"base": base, "plan": to_dict(cfg.plan)}
+    manifest = write_ensemble_manifest(cfg.output, intervals, checkpoints, metadata, storage)
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, ENSEMBLE_MANIFEST)
-        with fs.open(join(root, ENSEMBLE_MANIFEST)) as src, open(local, "wb") as dst:
-            dst.write(src.read())
+        fs.get(join(root, ENSEMBLE_MANIFEST), local)
         parent.artifact(local)
     parent.tag("manifest", manifest)
     parent.finish()
     state["finished"] = sorted(done)
-    write_json(fs, state_file, state)
+    write_json(fs, join(root, JOB_STATE), state)
     progress(f"experts: manifest {manifest} ({len(intervals)} experts)")
     return {"manifest": manifest, "experts": done, "mlflow_run_id": parent.run_id}
+
+
+def _from_parent(t: TrainConfig, parent_name: str | None, done: dict) -> TrainConfig:
+    """An expert of a later level starts from its parent expert's final checkpoint."""
+    return t if parent_name is None else replace(t, init_from=done[parent_name]["checkpoint"])
+
+
+def _unfinished(jobs: list[tuple[str, TrainConfig]], storage, done: dict, progress) -> list[tuple[str, TrainConfig]]:
+    """The experts still to train; those whose run already reached its steps go into `done`."""
+    out = []
+    for name, t in jobs:
+        ckpt, step = latest_checkpoint(join(t.output, name), storage)
+        if step < t.steps:
+            out.append((name, t))
+            continue
+        progress(f"experts: {name} [{t.sigma_lo:.4g}, {t.sigma_hi:.4g}) finished earlier (step {step}); skipped")
+        done[name] = {"checkpoint": ckpt, "step": step, "skipped": True}
+    return out
 
 
 def _run_concurrently(jobs: list[tuple[str, TrainConfig]], retries: int, done: dict, progress) -> list[str]:

@@ -122,7 +122,7 @@ def to_tensors(table: pa.Table, meta: ShardMeta) -> tuple[torch.Tensor, Cond]:
     return images, cond
 
 
-def check_compatible(meta: ShardMeta, spec: CondSpec, resolution: int, where: str = "") -> None:
+def check_shards_fit(meta: ShardMeta, spec: CondSpec, resolution: int, where: str = "") -> None:
     """Raise naming the first difference between the shards' layout and what a model expects."""
     if meta.resolution != resolution:
         raise ValueError(f"{where}: shards hold {meta.resolution}px images, the model expects {resolution}px")

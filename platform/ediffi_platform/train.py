@@ -13,7 +13,7 @@ import itertools
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +41,18 @@ from ediffi.distributed import (
     load_optimizer_state,
     shard_denoiser,
 )
-from ediffi.edm import P_MEAN, P_STD, NoiseDistribution
+from ediffi.edm import P_MEAN, P_STD, EDMPrecond, NoiseDistribution
 from ediffi.ema import EMA
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
 from ediffi.presets import PRESETS, build_denoiser, get_preset, memory_format
 from ediffi.sr import SRConfig, augment, degrade
 from ediffi.training import step_seed, train_step
+from ediffi.unet import UNetConfig
 from ediffi_platform import faults
 from ediffi_platform.config import from_dict, to_dict
 from ediffi_platform.reader import EpochCache, ray_dataset, shard_files
 from ediffi_platform.runs import data_encoders, is_checkpoint, latest_checkpoint, training_state
-from ediffi_platform.shards import check_compatible
+from ediffi_platform.shards import check_shards_fit
 from ediffi_platform.storage import (
     StorageConfig,
     absolute,
@@ -150,21 +151,73 @@ class TrainConfig:
             raise ValueError(f"aug_sigma_max must be >= 0, got {self.aug_sigma_max}")
 
 
-def _bucket_losses(per_sample: torch.Tensor, sigma: torch.Tensor) -> dict[str, tuple[float, int]]:
-    out = {}
-    for lo, hi in itertools.pairwise(SIGMA_BUCKETS):
-        m = (sigma >= lo) & (sigma < hi)
-        if m.any():
-            out[f"loss/sigma_{lo:g}-{hi:g}"] = (per_sample[m].sum().item(), int(m.sum()))
-    return out
+@dataclass
+class TrainState:
+    """Where training is, saved in every checkpoint (trainer.json) so a resumed run repeats the
+    uninterrupted one: optimiser steps, position in the data, EMA updates, the MLflow run."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_into_epoch: int = 0  # micro-batches of the current epoch already trained on
+    ema_updates: int | None = None  # None = as many as steps (an expert continues its parent's count)
+    mlflow_run_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> TrainState:
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})
 
 
-def _latest_checkpoint(cfg: TrainConfig) -> str | None:
-    return latest_checkpoint(join(cfg.output, cfg.name), cfg.storage)[0]
+@dataclass
+class _Model:
+    """The denoiser as this worker trains it."""
+
+    net_cfg: UNetConfig
+    D: EDMPrecond  # unwrapped: the EMA follows it, checkpoints and sample grids read it
+    wrapped: torch.nn.Module  # D under DDP or FSDP2
+    ema: EMA
+    opt: torch.optim.Optimizer
+
+
+@dataclass
+class _Window:
+    """Metrics summed over the steps since the last log."""
+
+    loss: float = 0.0
+    steps: int = 0
+    images: int = 0
+    sigma_min: float = math.inf
+    sigma_max: float = -math.inf
+    buckets: dict[str, tuple[float, int]] = field(default_factory=dict)  # per noise level: (sum, count)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, res, images: int) -> None:
+        self.loss += res.loss.item()
+        self.steps += 1
+        self.images += images
+        self.sigma_min = min(self.sigma_min, res.sigma.min().item())
+        self.sigma_max = max(self.sigma_max, res.sigma.max().item())
+        for lo, hi in itertools.pairwise(SIGMA_BUCKETS):
+            m = (res.sigma >= lo) & (res.sigma < hi)
+            if m.any():
+                s, n = self.buckets.get(f"loss/sigma_{lo:g}-{hi:g}", (0.0, 0))
+                self.buckets[f"loss/sigma_{lo:g}-{hi:g}"] = (s + res.per_sample[m].sum().item(), n + int(m.sum()))
+
+    def metrics(self, net_cfg: UNetConfig) -> dict:
+        dt = time.perf_counter() - self.t0
+        out = {"loss": self.loss / self.steps, "images_per_s": self.images / dt, "step_time_s": dt / self.steps}
+        out.update({k: s / n for k, (s, n) in self.buckets.items()})
+        out.update({"sigma/min": self.sigma_min, "sigma/max": self.sigma_max})
+        if torch.cuda.is_available():
+            from ediffi.presets import forward_flops
+
+            flops = 3 * forward_flops(net_cfg) * out["images_per_s"]
+            out["achieved_tflops"] = flops / 1e12
+            out["mfu"] = flops / 989e12  # against H100/H200 dense bf16 peak
+        return out
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train worker: build, restore, then loop train_step -> EMA -> metrics -> checkpoint."""
+    """Ray Train worker: restore, then per optimiser step train_step -> EMA -> metrics -> checkpoint."""
     cfg = from_dict(TrainConfig, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -172,10 +225,76 @@ def train_loop_per_worker(config: dict) -> dict:
     if device.type == "cpu":  # Ray gives fractional-CPU workers one thread; use the configured share
         torch.set_num_threads(cfg.threads_per_worker or max(1, math.ceil(cfg.cpus_per_worker)))
     dtype = ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
-    net_cfg = get_preset(cfg.preset)
+
+    # Restore, then distribute: weights before sharding, EMA and optimizer state after.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 does not broadcast)
-    D = build_denoiser(net_cfg)
-    state = {"step": 0, "epoch": 0, "batches_into_epoch": 0, "mlflow_run_id": config.get("run_id")}
+    D = build_denoiser(get_preset(cfg.preset))
+    state, ema_weights, optim_state = _restore(cfg, D, config)
+    m = _distribute(cfg, D, device, state, ema_weights, optim_state)
+    tracker = Tracker(cfg.tracking, run_id=state.mlflow_run_id) if rank == 0 else None
+
+    # Train. Metrics are held back until the next checkpoint is committed: steps redone after a
+    # failure are then logged once, and MLflow's series stays continuous.
+    shard = ray.train.get_dataset_shard("train")
+    cache = EpochCache(cfg.cache_mb, agree=lambda fits: _all_workers(fits, device) if world > 1 else fits)
+    gen = torch.Generator(device=device)  # re-seeded every step: a resumed run draws what the uninterrupted one did
+    window, pending = _Window(), []
+    while state.step < cfg.steps:
+        for micro in _optimizer_steps(cfg, cache, shard, config["meta"], state, device):
+            res = _step(cfg, m, micro, step=state.step, rank=rank, generator=gen, dtype=dtype)
+            state.step += 1
+            window.add(res, cfg.batch_size * cfg.optim.grad_accum * world)
+            if state.step == config.get("fail_at_step") and rank == world - 1:
+                faults.die_once(config["fail_marker"], cfg.storage)  # testing only (EDIFFI_TEST_FAULTS)
+            last = state.step == cfg.steps
+            metrics = {}
+            if state.step % cfg.log_every == 0 or last:
+                metrics, window = window.metrics(m.net_cfg), _Window()
+                if tracker:
+                    pending.append((metrics, state.step))
+                    _print_progress(cfg, state.step, metrics)
+            if state.step % cfg.checkpoint_every == 0 or last:
+                state.ema_updates = m.ema.updates
+                state.mlflow_run_id = tracker.run_id if tracker else state.mlflow_run_id
+                _checkpoint(
+                    cfg, m, state, metrics, rank=rank, tracker=tracker, batch=micro[-1], encoders=config["encoders"]
+                )
+                if tracker:
+                    for metrics_at, at in pending:
+                        tracker.metrics(metrics_at, at)
+                    pending.clear()
+            if last:
+                break
+    if tracker:
+        tracker.finish()
+    return {"step": state.step, "mlflow_run_id": state.mlflow_run_id}
+
+
+def _restore(cfg: TrainConfig, D: EDMPrecond, config: dict) -> tuple[TrainState, dict | None, dict | None]:
+    """Load into D the weights this run goes on from: its own latest checkpoint (after a worker
+    failure, or on a re-run), else `resume`, else its parent's (`init_from`: weights and EMA, whose
+    update count continues). Returns the state and the EMA / optimizer state to load after sharding."""
+    run_id = config.get("run_id")  # the driver's choice
+    ckpt = _resume_point(cfg, config.get("resume"))
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
+            state = replace(TrainState.from_dict(load_training_state(d)), mlflow_run_id=run_id)
+            return state, read_weights(Path(d) / EMA_FILE), read_optimizer_state(d)
+    state = TrainState(mlflow_run_id=run_id)
+    if not cfg.init_from:
+        return state, None, None
+    with _checkpoint_at(cfg.init_from, cfg.storage).as_directory() as d:
+        D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
+        if not (Path(d) / EMA_FILE).exists():
+            return state, None, None
+        parent = load_training_state(d) if (Path(d) / TRAINER_FILE).exists() else {}
+        state.ema_updates = parent.get("ema_updates", parent.get("step", 0))
+        return state, read_weights(Path(d) / EMA_FILE), None
+
+
+def _resume_point(cfg: TrainConfig, resume: str | None) -> ray.train.Checkpoint | None:
+    """This run's latest checkpoint, else the `resume` one (None for a fresh start)."""
     ckpt = ray.train.get_checkpoint()  # after a worker failure: this run's latest registered one
     stored, stored_step = latest_checkpoint(join(cfg.output, cfg.name), cfg.storage)
     if stored and (
@@ -183,121 +302,74 @@ def train_loop_per_worker(config: dict) -> dict:
     ):
         # A worker can die after its checkpoint reached storage but before the controller
         # registered it; the newest complete checkpoint on storage is the one to resume from.
-        ckpt = _checkpoint_at(stored, cfg.storage)
-    if ckpt is None and config.get("resume"):  # a new run continuing an earlier one
-        ckpt = _checkpoint_at(config["resume"], cfg.storage)
-    restore = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
-            restore = (read_weights(Path(d) / EMA_FILE), read_optimizer_state(d))
-            state = {**load_training_state(d), "mlflow_run_id": config.get("run_id")}  # the driver's choice
-    elif cfg.init_from:  # an expert starts from its parent: its weights, and its EMA continues the parent's
-        with _checkpoint_at(cfg.init_from, cfg.storage).as_directory() as d:
-            D.net.load_state_dict(load_checkpoint(d)[0].net.state_dict())
-            if (Path(d) / EMA_FILE).exists():
-                parent = load_training_state(d) if (Path(d) / TRAINER_FILE).exists() else {}
-                restore = (read_weights(Path(d) / EMA_FILE), None)
-                state["ema_updates"] = parent.get("ema_updates", parent.get("step", 0))
+        return _checkpoint_at(stored, cfg.storage)
+    if ckpt is None and resume:  # a new run continuing an earlier one
+        return _checkpoint_at(resume, cfg.storage)
+    return ckpt
+
+
+def _distribute(cfg, D, device, state: TrainState, ema_weights: dict | None, optim_state: dict | None) -> _Model:
+    """D on the device under DDP or FSDP2, its EMA (sharded like the weights) and optimizer, restored."""
     # FSDP2 shards parameters along their first dimension: keep its default layout.
     D.to(device, memory_format=memory_format("contiguous" if cfg.strategy == "fsdp" else cfg.memory_format, device))
-    model = (
+    wrapped = (
         shard_denoiser(D, device) if cfg.strategy == "fsdp" else ray.train.torch.prepare_model(D, move_to_device=False)
     )
     ema = EMA(D.net, cfg.ema_decay, cfg.ema_sigma_rel)  # after sharding: sharded like the weights
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-    )
-    if restore is not None:
-        ema.load(restore[0], state.get("ema_updates", state["step"]))
-        if restore[1] is not None:
-            load_optimizer_state(model, opt, restore[1])
-    tracker = Tracker(cfg.tracking, run_id=state.get("mlflow_run_id")) if rank == 0 else None
-    noise = cfg.noise()
-    gen = torch.Generator(device=device)  # re-seeded every step: a resumed run draws what the uninterrupted one did
-    meta = config["meta"]
-    shard = ray.train.get_dataset_shard("train")
-    cache = EpochCache(cfg.cache_mb, agree=lambda fits: _all_workers(fits, device) if world > 1 else fits)
-    pending: list[tuple[dict, int]] = []  # metrics waiting for the next checkpoint
-    window: dict = {"loss": 0.0, "n": 0, "images": 0, "t": time.perf_counter(), "buckets": {}}
-    while state["step"] < cfg.steps:
-        skip = state["batches_into_epoch"]
-        micro = []
-        for i, (images, cond) in enumerate(
-            cache.batches(shard, meta, cfg.batch_size, cfg.shuffle_buffer, seed=cfg.seed + state["epoch"])
-        ):
-            if i < skip:
-                continue  # resume inside an epoch: skip what was already trained on
-            state["batches_into_epoch"] = i + 1
-            micro.append((images.to(device), cond.to(device)))
-            last_batch = micro[-1]
-            if len(micro) < cfg.optim.grad_accum:
-                continue
-            for g in opt.param_groups:
-                g["lr"] = cfg.optim.lr * min(1.0, (state["step"] + 1) / max(1, cfg.optim.warmup_steps))
-            seed = step_seed(cfg.seed, rank, state["step"])
-            torch.manual_seed(seed)  # the network's dropout
-            gen.manual_seed(seed)  # noise levels, noise, embedding dropout, SR augmentation
-            res = train_step(
-                model,
-                opt,
-                micro,
-                noise=noise,
-                dropout=cfg.dropout,
-                grad_clip=cfg.optim.grad_clip or None,
-                dtype=dtype,
-                generator=gen,
-                sr=SRConfig(cfg.lowres, cfg.aug_sigma_max) if cfg.lowres else None,
-            )
+    o = cfg.optim
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    if ema_weights is not None:
+        ema.load(ema_weights, state.step if state.ema_updates is None else state.ema_updates)
+    if optim_state is not None:
+        load_optimizer_state(wrapped, opt, optim_state)
+    return _Model(get_preset(cfg.preset), D, wrapped, ema, opt)
+
+
+def _optimizer_steps(cfg: TrainConfig, cache: EpochCache, shard, meta: dict, state: TrainState, device):
+    """The rest of the current epoch as optimiser steps (lists of grad_accum micro-batches), from
+    where `state` says training is; the epoch run to its end moves `state` to the next one."""
+    skip, micro = state.batches_into_epoch, []
+    for i, (images, cond) in enumerate(
+        cache.batches(shard, meta, cfg.batch_size, cfg.shuffle_buffer, seed=cfg.seed + state.epoch)
+    ):
+        if i < skip:
+            continue  # resume inside an epoch: skip what was already trained on
+        state.batches_into_epoch = i + 1
+        micro.append((images.to(device), cond.to(device)))
+        if len(micro) == cfg.optim.grad_accum:
+            yield micro
             micro = []
-            ema.update(D.net)
-            state["step"] += 1
-            _accumulate(window, res, cfg.batch_size * cfg.optim.grad_accum * world)
-            if state["step"] == config.get("fail_at_step") and rank == world - 1:
-                faults.die_once(config["fail_marker"], cfg.storage)  # testing only (EDIFFI_TEST_FAULTS)
-            last = state["step"] == cfg.steps
-            metrics = (
-                _window_metrics(window, net_cfg, state["step"])
-                if (state["step"] % cfg.log_every == 0 or last)
-                else None
-            )
-            if metrics and tracker:
-                # Held back until the next checkpoint is committed: steps redone after a failure
-                # are then logged once, and MLflow's series stays continuous.
-                pending.append((dict(metrics), state["step"]))
-                print(
-                    f"[train {cfg.name}] step {state['step']}/{cfg.steps} loss {metrics['loss']:.4f} "
-                    f"{metrics['images_per_s']:.1f} img/s",
-                    flush=True,
-                )
-            if state["step"] % cfg.checkpoint_every == 0 or last:
-                state["ema_updates"] = ema.updates
-                state["mlflow_run_id"] = tracker.run_id if tracker else state.get("mlflow_run_id")
-                _report(
-                    cfg,
-                    net_cfg,
-                    model,
-                    ema,
-                    opt,
-                    state,
-                    metrics or {},
-                    rank,
-                    tracker,
-                    last_batch,
-                    config.get("encoders"),
-                )
-                if tracker:
-                    for m, at in pending:
-                        tracker.metrics(m, at)
-                    pending.clear()
-            if last:
-                break
-        else:
-            state["epoch"] += 1
-            state["batches_into_epoch"] = 0
-    if tracker:
-        tracker.finish()
-    return {"step": state["step"], "mlflow_run_id": state.get("mlflow_run_id")}
+    state.epoch += 1
+    state.batches_into_epoch = 0
+
+
+def _step(cfg: TrainConfig, m: _Model, micro: list, *, step: int, rank: int, generator, dtype: str):
+    """One optimiser step (warm-up learning rate, randomness seeded from (seed, rank, step)), then EMA."""
+    for g in m.opt.param_groups:
+        g["lr"] = cfg.optim.lr * min(1.0, (step + 1) / max(1, cfg.optim.warmup_steps))
+    seed = step_seed(cfg.seed, rank, step)
+    torch.manual_seed(seed)  # the network's dropout
+    generator.manual_seed(seed)  # noise levels, noise, embedding dropout, SR augmentation
+    res = train_step(
+        m.wrapped,
+        m.opt,
+        micro,
+        noise=cfg.noise(),
+        dropout=cfg.dropout,
+        grad_clip=cfg.optim.grad_clip or None,
+        dtype=dtype,
+        generator=generator,
+        sr=SRConfig(cfg.lowres, cfg.aug_sigma_max) if cfg.lowres else None,
+    )
+    m.ema.update(m.D.net)
+    return res
+
+
+def _print_progress(cfg: TrainConfig, step: int, metrics: dict) -> None:
+    print(
+        f"[train {cfg.name}] step {step}/{cfg.steps} loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s",
+        flush=True,
+    )
 
 
 def _all_workers(flag: bool, device: torch.device) -> bool:
@@ -307,67 +379,30 @@ def _all_workers(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _accumulate(window: dict, res, images: int) -> None:
-    window["loss"] += res.loss.item()
-    window["n"] += 1
-    window["sigma_min"] = min(window.get("sigma_min", math.inf), res.sigma.min().item())
-    window["sigma_max"] = max(window.get("sigma_max", 0.0), res.sigma.max().item())
-    window["images"] += images
-    for k, (s, n) in _bucket_losses(res.per_sample, res.sigma).items():
-        a, b = window["buckets"].get(k, (0.0, 0))
-        window["buckets"][k] = (a + s, b + n)
-
-
-def _window_metrics(window: dict, net_cfg, step: int) -> dict:
-    dt = time.perf_counter() - window["t"]
-    out = {
-        "loss": window["loss"] / max(1, window["n"]),
-        "images_per_s": window["images"] / dt,
-        "step_time_s": dt / max(1, window["n"]),
-    }
-    out.update({k: s / n for k, (s, n) in window["buckets"].items()})
-    out.update({"sigma/min": window.pop("sigma_min", math.nan), "sigma/max": window.pop("sigma_max", math.nan)})
-    if torch.cuda.is_available():
-        from ediffi.presets import forward_flops
-
-        flops = 3 * forward_flops(net_cfg) * out["images_per_s"]
-        out["achieved_tflops"] = flops / 1e12
-        out["mfu"] = flops / 989e12  # against H100/H200 dense bf16 peak
-    window.update(loss=0.0, n=0, images=0, t=time.perf_counter(), buckets={})
-    return out
-
-
-def _report(cfg, net_cfg, model, ema, opt, state, metrics, rank, tracker, last_batch, encoders) -> None:
+def _checkpoint(cfg: TrainConfig, m: _Model, state: TrainState, metrics: dict, *, rank, tracker, batch, encoders):
     """Every rank gathers the full state (collectives under FSDP2) and calls report; rank 0 writes
-    the checkpoint and logs a sample grid."""
-    weights, ema_weights = full_model_state(model), ema.full_state_dict()
-    optim_state = full_optimizer_state(model, opt)
+    the checkpoint and logs a sample grid of `batch`'s conditions."""
+    weights, ema_weights = full_model_state(m.wrapped), m.ema.full_state_dict()
+    optim_state = full_optimizer_state(m.wrapped, m.opt)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(
-                d,
-                net_cfg,
-                weights,
-                ema=ema_weights,
-                metadata={
-                    "step": state["step"],
-                    "sigma_lo": cfg.sigma_lo,
-                    "sigma_hi": cfg.sigma_hi,
-                    "run": cfg.name,
-                    "encoders": encoders,  # what made the training embeddings: generation encodes alike
-                },
-            )
-            save_training_state(d, optim_state, dict(state))
+            metadata = {
+                "step": state.step,
+                "sigma_lo": cfg.sigma_lo,
+                "sigma_hi": cfg.sigma_hi,
+                "run": cfg.name,
+                "encoders": encoders,  # what made the training embeddings: generation encodes alike
+            }
+            save_checkpoint(d, m.net_cfg, weights, ema=ema_weights, metadata=metadata)
+            save_training_state(d, optim_state, asdict(state))
             checkpoint = ray.train.Checkpoint.from_directory(d)
             if tracker and cfg.sample_images:
-                tracker.image(
-                    _sample_grid(net_cfg, ema_weights, last_batch, cfg.sample_images, cfg.lowres),
-                    f"samples/step_{state['step']:07d}.png",
-                )
-        ray.train.report({**metrics, "step": state["step"]}, checkpoint=checkpoint)
+                grid_ = _sample_grid(m.net_cfg, ema_weights, batch, cfg.sample_images, cfg.lowres)
+                tracker.image(grid_, f"samples/step_{state.step:07d}.png")
+        ray.train.report({**metrics, "step": state.step}, checkpoint=checkpoint)
         if tracker:
-            tracker.tag("checkpoint.latest_step", str(state["step"]))
+            tracker.tag("checkpoint.latest_step", str(state.step))
 
 
 @torch.no_grad()
@@ -388,7 +423,7 @@ def validate_training(cfg: TrainConfig) -> dict:
     Returns the shards' layout metadata."""
     _, meta = shard_files(cfg.data, cfg.storage)
     net_cfg = get_preset(cfg.preset)
-    check_compatible(meta, net_cfg.cond, net_cfg.img_resolution, cfg.data)
+    check_shards_fit(meta, net_cfg.cond, net_cfg.img_resolution, cfg.data)
     return meta
 
 
@@ -396,61 +431,69 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     """Validate everything the workers will need, then fit (resuming from the latest checkpoint)."""
     from ray.train.torch import TorchTrainer
 
-    # 1. Before any worker starts: data, schema vs model, tracking.
+    # Before any worker starts: data, schema vs model, tracking, the checkpoint to start from.
     meta = validate_training(cfg)
-    tracking = usable(cfg.tracking, "training")
-    output = absolute(cfg.output)
-    cfg = replace(cfg, tracking=tracking, output=output)
+    cfg = replace(cfg, tracking=usable(cfg.tracking, "training"), output=absolute(cfg.output))
     if cfg.init_from:
         _checkpoint_at(cfg.init_from, cfg.storage)  # fails now, naming the path, if it is not a checkpoint
-
-    # 2. Resume: the latest checkpoint of this run name, else an explicit one (as the workers do:
-    # a re-run of a job started from `resume` goes on from its own progress).
-    resume = _latest_checkpoint(cfg) or cfg.resume
-    run_id = None
+    resume, state, run_id = _resume_plan(cfg)
     if resume:
-        state = training_state(resume, cfg.storage)
-        own = key(resume).startswith(key(join(output, cfg.name)) + "/")
-        run_id = state.get("mlflow_run_id") if own else None  # another run's checkpoint: a new MLflow run
         progress(f"train {cfg.name}: resuming from {resume} (step {state['step']})")
         if state["step"] >= cfg.steps:
             progress(f"train {cfg.name}: already at step {state['step']} >= {cfg.steps}; nothing to do")
             return {"checkpoint": resume, "step": state["step"], "mlflow_run_id": run_id}
     if run_id is None:
-        tracker = Tracker(tracking, run_name=cfg.name, parent_run_id=tracking.parent_run_id)
+        tracker = Tracker(cfg.tracking, run_name=cfg.name, parent_run_id=cfg.tracking.parent_run_id)
         tracker.params(flatten(to_dict(cfg)))
         run_id = tracker.run_id
 
-    # 3. Fit.
-    fs, _ = filesystem(output, cfg.storage)
-    ds, _ = ray_dataset(cfg.data, cfg.storage)
+    # The Ray blocks: what each worker gets, how many workers, where checkpoints go, restarts.
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "meta": meta,
+        "run_id": run_id,
+        "resume": resume,
+        "encoders": data_encoders(cfg.data, cfg.storage),
+        "fail_at_step": faults.planned(f"train:{cfg.name}"),
+        "fail_marker": join(cfg.output, cfg.name, faults.MARKER),
+    }
+    scaling_config = ray.train.ScalingConfig(
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+    )
+    fs, _ = filesystem(cfg.output, cfg.storage)
+    run_config = ray.train.RunConfig(
+        name=cfg.name,
+        storage_path=key(cfg.output),
+        storage_filesystem=arrow_filesystem(fs) if is_url(cfg.output) else None,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+    )
+    datasets = {"train": ray_dataset(cfg.data, cfg.storage)[0]}
+
+    # Fit.
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "meta": meta,
-            "run_id": run_id,
-            "fail_at_step": faults.planned(f"train:{cfg.name}"),
-            "fail_marker": join(output, cfg.name, faults.MARKER),
-            "resume": resume,
-            "encoders": data_encoders(cfg.data, cfg.storage),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=key(output),
-            storage_filesystem=arrow_filesystem(fs) if is_url(output) else None,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": ds},
+        train_loop_config=loop_config,
+        scaling_config=scaling_config,
+        run_config=run_config,
+        datasets=datasets,
     )
     result = trainer.fit()
     done = result.return_value or {}
-    path = with_scheme(result.checkpoint.path, output) if result.checkpoint else None
+    path = with_scheme(result.checkpoint.path, cfg.output) if result.checkpoint else None
     progress(f"train {cfg.name}: finished at step {done.get('step')}; checkpoint {path}")
     return {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id}
+
+
+def _resume_plan(cfg: TrainConfig) -> tuple[str | None, dict, str | None]:
+    """The checkpoint the workers will start from, as they will choose it (this run's latest, else
+    `resume`: a re-run of a job started from `resume` goes on from its own progress), its training
+    state, and the MLflow run to continue (none for another run's checkpoint: a new MLflow run)."""
+    resume = latest_checkpoint(join(cfg.output, cfg.name), cfg.storage)[0] or cfg.resume
+    if not resume:
+        return None, {}, None
+    state = training_state(resume, cfg.storage)
+    own = key(resume).startswith(key(join(cfg.output, cfg.name)) + "/")
+    return resume, state, state.get("mlflow_run_id") if own else None
 
 
 def _checkpoint_at(uri: str, storage: StorageConfig) -> ray.train.Checkpoint:
