@@ -85,7 +85,7 @@ def main() -> None:
         shape, bg = rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
         color = rng.choice(list(COLORS))
         prompts.append(f"a big {shape} in the center on a {bg} background")
-        refs.append(np.asarray(draw(color, shape, "big", "center", bg, 64)))
+        refs.append(np.asarray(draw(color, shape, "big", "center", bg, image_size=64)))
         want.append(color)
     images = torch.from_numpy(np.stack(refs)).permute(0, 3, 1, 2)
     cond, _ = enc.encode(prompts, images)

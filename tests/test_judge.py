@@ -18,7 +18,7 @@ def test_reads_the_datasets_own_images_at_32px():
 
 
 def test_shape_accuracy_per_size_counts_only_that_size():
-    circle = lambda size: np.asarray(draw("red", "circle", size, "center", "white", 32))
+    circle = lambda size: np.asarray(draw("red", "circle", size, "center", "white", image_size=32))
     images = [circle("small"), circle("small"), circle("big")]
     labels = [
         dict(color="red", shape=s, size=z, position="center", background="white")
@@ -31,7 +31,7 @@ def test_shape_accuracy_per_size_counts_only_that_size():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_specks_and_soft_edges_do_not_change_the_reading(shape):
-    img = np.asarray(draw("blue", shape, "big", "top left", "white", 32)).copy()
+    img = np.asarray(draw("blue", shape, "big", "top left", "white", image_size=32)).copy()
     img[28, 29] = img[2, 30] = (200, 30, 30)  # two stray pixels far from the object
     blurred = (img.astype(float) + np.roll(img, 1, 0) + np.roll(img, 1, 1)) / 3  # softened edges
     for im in (img, blurred.astype(np.uint8)):

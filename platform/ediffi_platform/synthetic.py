@@ -82,6 +82,7 @@ def draw(
     size: str,
     position: str,
     background: str,
+    *,
     image_size: int,
     jitter: tuple[float, float] = (0.0, 0.0),
 ) -> Image.Image:
