@@ -257,7 +257,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 state.ema_updates = m.ema.updates
                 state.mlflow_run_id = tracker.run_id if tracker else state.mlflow_run_id
                 _checkpoint(
-                    cfg, m, state, metrics, rank=rank, tracker=tracker, batch=micro[-1], encoders=config["encoders"]
+                    cfg, m, state, metrics, rank=rank, tracker=tracker, batch=micro[-1], encoders=config.get("encoders")
                 )
                 if tracker:
                     for metrics_at, at in pending:
