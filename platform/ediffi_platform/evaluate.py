@@ -11,7 +11,6 @@ Unreadable images are skipped and counted.
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from scipy import linalg
 
 from ediffi.encoders import EncoderConfig
+from ediffi_platform.actors import check_pool, pool_args, start_actor
 from ediffi_platform.config import to_dict
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, is_url, join, with_scheme
 
@@ -44,9 +44,11 @@ class EvalConfig:
     concurrency: int = 1  # feature actors
     num_cpus: float = 1.0  # CPUs per actor
     num_gpus: float = 0.0  # GPUs per actor
+    threads_per_actor: int = 0  # torch CPU threads per actor; 0 = its CPU share rounded up
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
 
     def __post_init__(self) -> None:
+        check_pool(self)
         if self.fid_extractor not in EXTRACTORS:
             raise ValueError(f"fid_extractor must be one of {EXTRACTORS}, got {self.fid_extractor!r}")
         if self.fid_extractor == "inception_v3" and not self.fid_weights:
@@ -100,8 +102,7 @@ class Features:
 
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
-        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        torch.set_num_threads(max(1, math.ceil(cfg.num_cpus)))
+        self.device = start_actor(cfg)
         self.net, self.size = load_extractor(cfg.fid_extractor, cfg.fid_weights)
         self.net.to(self.device)
         self.clip = None
@@ -198,10 +199,7 @@ def _moments(ds: ray.data.Dataset, cfg: EvalConfig) -> dict:
         Features,
         fn_constructor_kwargs={"cfg": cfg},
         batch_format="pyarrow",
-        batch_size=cfg.batch_size,
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus or None,
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        **pool_args(cfg),
     )
     n, skipped, s1, s2, clip = 0, 0, None, None, []
     for b in out.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -14,7 +14,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -28,9 +29,10 @@ from ediffi.pipeline import SamplerConfig, check_compatible, grid, sample, to_ui
 from ediffi.presets import memory_format
 from ediffi.sr import Stage, cascade
 from ediffi_platform import faults
+from ediffi_platform.actors import check_pool, pool_args, start_actor
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import JobFailed, from_dict, to_dict
-from ediffi_platform.prompts import MAX_IMAGES_PER_ROW, RANGES, Request, read_prompts, require_prompts
+from ediffi_platform.prompts import MAX_IMAGES_PER_ROW, RANGES, PromptStats, Request, read_prompts, require_prompts
 from ediffi_platform.runs import fetch_model, is_ensemble_manifest, model_config, model_id, model_network, resolve_model
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, is_absolute, is_url, join, write_json
 from ediffi_platform.tracking import Tracker, TrackingConfig, flatten, usable
@@ -87,13 +89,9 @@ class GenerateConfig:
             raise ValueError(f"on_bad_row must be skip or fail, got {self.on_bad_row!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {self.image_format!r}")
-        for k in ("batch_size", "concurrency", "images_per_prompt"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if not (self.num_gpus >= 0 and self.num_cpus > 0):  # NaN fails too
-            raise ValueError(f"num_gpus must be >= 0 and num_cpus > 0, got {self.num_gpus} and {self.num_cpus}")
-        if self.images_per_prompt > MAX_IMAGES_PER_ROW:
-            raise ValueError(f"images_per_prompt must be <= {MAX_IMAGES_PER_ROW}, got {self.images_per_prompt}")
+        check_pool(self)
+        if not 1 <= self.images_per_prompt <= MAX_IMAGES_PER_ROW:
+            raise ValueError(f"images_per_prompt must be in 1..{MAX_IMAGES_PER_ROW}, got {self.images_per_prompt}")
         if not 0 <= self.seed <= AUTO_SEED_MAX:
             raise ValueError(f"seed must be in 0..2**62, got {self.seed}")
         lo, hi = RANGES["paint_strength"]
@@ -220,13 +218,17 @@ def check_requests(requests: list[Request], cfg: GenerateConfig, tokenizers) -> 
 
 def done_ids(cfg: GenerateConfig) -> set[str]:
     """Ids already in the output's metadata parts."""
+    return set(_metadata_ids(cfg))
+
+
+def _metadata_ids(cfg: GenerateConfig) -> list[str]:
+    """The id of every row of the output's metadata parts, repeats kept."""
     fs, root = filesystem(cfg.out, cfg.storage)
-    parts = fs.glob(join(root, METADATA, "part-*.parquet"))
     afs = arrow_filesystem(fs)
-    out: set[str] = set()
-    for p in parts:
-        out.update(pq.read_table(p, columns=["id"], filesystem=afs).column("id").to_pylist())
-    return out
+    ids: list[str] = []
+    for p in fs.glob(join(root, METADATA, "part-*.parquet")):
+        ids += pq.read_table(p, columns=["id"], filesystem=afs).column("id").to_pylist()
+    return ids
 
 
 def image_path(cfg: GenerateConfig, id_: str) -> str:
@@ -247,6 +249,22 @@ class _Timed:
         return out
 
 
+@dataclass
+class Seconds:
+    """Seconds spent per part of the work; network is inside sample, sr_network a part of network."""
+
+    encode: float = 0.0  # text (and style image) encoding
+    sample: float = 0.0  # sampling, the whole cascade
+    network: float = 0.0  # inside the denoisers (base and SR)
+    sr_network: float = 0.0  # inside the SR stages' denoisers
+    write: float = 0.0  # writing the images
+
+    def add(self, batch: pa.Table) -> None:
+        """Add a batch of the generator actors' output (a `{part}_s` column per field)."""
+        for k in asdict(self):
+            setattr(self, k, getattr(self, k) + float(pa.compute.sum(batch.column(f"{k}_s")).as_py()))
+
+
 class ImageGenerator:
     """Ray Data callable class: model and encoders loaded once; a batch of rows -> images, metadata."""
 
@@ -254,8 +272,7 @@ class ImageGenerator:
         self, cfg: GenerateConfig, model: str, mid: str, encoders: dict, sr_models: tuple = (), fail_after=None
     ):
         self.cfg, self.model, self.mid, self.fail_after = cfg, model, mid, fail_after
-        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        torch.set_num_threads(cfg.threads_per_actor or max(1, math.ceil(cfg.num_cpus)))
+        self.device = start_actor(cfg)
         local = fetch_model(model, cfg.storage)
         D, self.net_cfg, _ = load_model(local, cfg.use_ema, self.device, cfg.memory_format)
         self.D = _Timed(D)
@@ -273,85 +290,100 @@ class ImageGenerator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        # 1. Text (and style images) -> conditioning.
         t0 = time.perf_counter()
+        cond, stats = self._encode(rows)
+        # 2. Sampling, a group of rows with the same sampler settings at a time.
+        t1 = time.perf_counter()
+        for D in (self.D, *(st.denoiser for st in self.sr)):
+            D.seconds = 0.0
+        images = self._sample(rows, cond)
+        # 3. The images, then the batch's metadata part (its name a hash of the ids: a retry overwrites it).
+        t2 = time.perf_counter()
+        self._write_images(rows, images)
+        t3 = time.perf_counter()
+        self._write_metadata(rows, images, stats.truncated_rows, seconds=(t3 - t0) / len(rows))
+        # 4. What the driver adds up: truncated prompts, seconds per part, when this actor was ready.
+        sr_network = sum(st.denoiser.seconds for st in self.sr)
+        network = self.D.seconds + sr_network
+        seconds = Seconds(encode=t1 - t0, sample=t2 - t1, network=network, sr_network=sr_network, write=t3 - t2)
+        n = len(rows)
+        return pa.table(
+            {
+                "id": [r["id"] for r in rows],
+                "truncated": stats.truncated_rows,
+                **{f"{k}_s": [v / n] * n for k, v in asdict(seconds).items()},
+                "ready": [self.ready] * n,
+            }
+        )
+
+    def _encode(self, rows: list[dict]):
+        """(conditioning, encoding stats) of the rows; style rows condition through the CLIP image embedding."""
         cond, stats = self.encoder.encode([r["prompt"] for r in rows])
         styled = [i for i, r in enumerate(rows) if r["style"]]
-        if styled:  # reference images condition through the CLIP image embedding
+        if styled:
             emb = self.encoder.encode_images(torch.stack([self._image(rows[i]["style"]) for i in styled]))
             cond.clip_image[styled] = emb.to(cond.clip_image.dtype)
             cond.clip_image_mask[styled] = True
-        t1 = time.perf_counter()
-        R = self.net_cfg.img_resolution
+        return cond, stats
+
+    def _sample(self, rows: list[dict], cond) -> list[np.ndarray]:
+        """uint8 [R, R, 3] images of the rows, sampled a group of equal settings at a time."""
         images: list[np.ndarray | None] = [None] * len(rows)
-        self.D.seconds = 0.0
-        for st in self.sr:
-            st.denoiser.seconds = 0.0
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):  # painted rows apart: their attention takes another code path
             groups.setdefault((r["steps"], r["guidance"], r["sampler"], r["paint_strength"]), []).append(i)
         for (steps, guidance, sampler, strength), idx in groups.items():
             scfg = replace(self.cfg.sampler, steps=steps, guidance=guidance, sampler=sampler)
-            D = self.D
-            if strength > 0:
-                from ediffi.paint import PaintWithWords, paint_masks
-
-                masks = paint_masks(
-                    self.encoder, [rows[i]["prompt"] for i in idx], [self._masks(rows[i]) for i in idx], R
-                )
-                D = _Timed(PaintWithWords(self.D.D, masks, strength))
-            seeds = [rows[i]["seed"] for i in idx]
-            if self.sr:
-                x = cascade([Stage(D, R, scfg), *self.sr], cond[idx], seeds, self.device)[-1]
-            else:
-                x = sample(D, cond[idx], (3, R, R), seeds, scfg, self.device)
-            if D is not self.D:
-                self.D.seconds += D.seconds
+            x = self._sample_group([rows[i] for i in idx], cond[idx], scfg, strength)
             for i, img in zip(idx, to_uint8(x).numpy(), strict=True):
                 images[i] = img
-        t2 = time.perf_counter()
+        return images
+
+    def _sample_group(self, rows: list[dict], cond, scfg: SamplerConfig, strength: float) -> torch.Tensor:
+        """One group's images through the base model (painted with words when strength > 0) and the SR stages."""
+        R = self.net_cfg.img_resolution
+        D = self.D
+        if strength > 0:
+            from ediffi.paint import PaintWithWords, paint_masks
+
+            masks = paint_masks(self.encoder, [r["prompt"] for r in rows], [self._masks(r) for r in rows], R)
+            D = _Timed(PaintWithWords(self.D.D, masks, strength))
+        seeds = [r["seed"] for r in rows]
+        if self.sr:
+            x = cascade([Stage(D, R, scfg), *self.sr], cond, seeds, self.device)[-1]
+        else:
+            x = sample(D, cond, (3, R, R), seeds, scfg, self.device)
+        if D is not self.D:
+            self.D.seconds += D.seconds
+        return x
+
+    def _write_images(self, rows: list[dict], images: list[np.ndarray]) -> None:
         for n, (r, img) in enumerate(zip(rows, images, strict=True)):
             self._write_image(r["id"], img)
             if n + 1 == self.fail_after:  # testing only (EDIFFI_TEST_FAULTS)
                 faults.die_once(join(self.root, faults.MARKER), self.cfg.storage)
-        t3 = time.perf_counter()
-        per = (t3 - t0) / len(rows)
+
+    def _write_metadata(self, rows: list[dict], images: list[np.ndarray], truncated: list, seconds: float) -> None:
+        """The batch's metadata part, one row per image; `seconds` is each image's share of the batch."""
+        n = len(rows)
         meta = {
             "id": [r["id"] for r in rows],
             "prompt_id": pa.array([r["prompt_id"] for r in rows], pa.string()),  # the user's id ("" = none)
-            "prompt": [r["prompt"] for r in rows],
-            "line": [r["line"] for r in rows],
-            "seed": [r["seed"] for r in rows],
-            "sampler": [r["sampler"] for r in rows],
-            "steps": [r["steps"] for r in rows],
+            **{k: [r[k] for r in rows] for k in ("prompt", "line", "seed", "sampler", "steps")},
             "guidance": [float(r["guidance"]) for r in rows],
-            "style": [r["style"] for r in rows],
-            "masks": [r["masks"] for r in rows],
-            "paint_strength": [r["paint_strength"] for r in rows],
-            "model": [self.model] * len(rows),
-            "model_id": [self.mid] * len(rows),
-            "resolution": [int(images[0].shape[0])] * len(rows),
+            **{k: [r[k] for r in rows] for k in ("style", "masks", "paint_strength")},
+            "model": [self.model] * n,
+            "model_id": [self.mid] * n,
+            "resolution": [int(images[0].shape[0])] * n,
             "image": [image_path(self.cfg, r["id"]) for r in rows],
-            "truncated": stats.truncated_rows,
-            "seconds": [per] * len(rows),
+            "truncated": truncated,
+            "seconds": [seconds] * n,
         }
         digest = hashlib.sha1("\n".join(sorted(meta["id"])).encode()).hexdigest()[:16]
         self.fs.makedirs(join(self.root, METADATA), exist_ok=True)
-        pq.write_table(
-            pa.table(meta), join(self.root, METADATA, f"part-{digest}.parquet"), filesystem=arrow_filesystem(self.fs)
-        )
-        n = len(rows)
-        return pa.table(
-            {
-                "id": meta["id"],
-                "truncated": stats.truncated_rows,
-                "encode_s": [(t1 - t0) / n] * n,
-                "sample_s": [(t2 - t1) / n] * n,
-                "network_s": [(self.D.seconds + sum(st.denoiser.seconds for st in self.sr)) / n] * n,
-                "sr_network_s": [sum(st.denoiser.seconds for st in self.sr) / n] * n,
-                "write_s": [(t3 - t2) / n] * n,
-                "ready": [self.ready] * n,
-            }
-        )
+        path = join(self.root, METADATA, f"part-{digest}.parquet")
+        pq.write_table(pa.table(meta), path, filesystem=arrow_filesystem(self.fs))
 
     def _image(self, uri: str) -> torch.Tensor:
         """A reference image as uint8 [3, S, S] at the CLIP input size."""
@@ -384,11 +416,47 @@ class ImageGenerator:
             Image.fromarray(img).save(f, format=IMAGE_FORMATS[self.cfg.image_format])
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What the checks before any actor starts settled."""
+
+    requests: list[Request]  # the usable rows of the prompt file
+    pstats: PromptStats  # what reading it found (bad rows include those whose style / masks cannot work)
+    model: str  # the base model's manifest or checkpoint
+    sr_models: tuple[str, ...]  # each SR stage's
+    mid: str  # the base model's content id
+    encoders: dict  # the encoders as they will run
+    settings: dict  # the job-wide part of every image's id (image_settings)
+
+
 def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     """Check the inputs, then attach to Ray (ensure_ray: none is started for input that cannot work)
     and run the job; returns the summary it writes to {out}/summary.json."""
     t_start = time.time()
     # 1. Everything checkable before any actor starts: prompts, model, encoders, tracking.
+    job = _check_job(cfg, progress)
+    tracking = usable(cfg.tracking, "generation")
+    ensure_ray(cfg.ray_address)
+    # 2. Rows, minus what an earlier run wrote.
+    unique = {r["id"]: r for r in expand(job.requests, cfg, job.settings)}
+    done = done_ids(cfg) & set(unique)
+    todo = [r for i, r in unique.items() if i not in done]
+    _report_rows(job, len(unique), len(done), len(todo), progress)
+    # 3. Generate.
+    run = _generate(cfg, job, todo, progress) if todo else {"images": 0, "truncated_prompts": 0}
+    # 4. Check: every requested id exactly once in the metadata; the summary.
+    summary = _finish(cfg, job, unique=unique, run=run, seconds=time.time() - t_start)
+    _track(cfg, tracking, summary, job.encoders)
+    progress(
+        f"generate: {summary['images_total']} images in {cfg.out} ({summary['generated_now']} now); "
+        f"metadata {join(cfg.out, METADATA)}/"
+    )
+    return summary
+
+
+def _check_job(cfg: GenerateConfig, progress) -> _Job:
+    """The prompt file read, the models resolved and the encoders checked against them: nothing an actor
+    would find out later."""
     requests, pstats = read_prompts(cfg.prompts, cfg.storage, cfg.prompt_column, cfg.on_bad_row)
     for line, reason in pstats.bad[:20]:
         progress(f"generate: {cfg.prompts}: line {line}: {reason} (skipped)")
@@ -405,84 +473,78 @@ def run_generate(cfg: GenerateConfig, progress=print) -> dict:
     check_encoders(encoders, (model, *sr_models), cfg.storage)
     settings = image_settings(cfg, encoders, mid, tuple(model_id(m, cfg.storage) for m in sr_models))
     if any(r.style or r.masks for r in requests):
-        from ediffi.encoders import load_tokenizers
-
-        net_cfg = model_network(model, cfg.storage)
-        tokenizers = load_tokenizers(from_dict(EncoderConfig, encoders), net_cfg.cond)
-        for r, reason in check_requests(requests, cfg, tokenizers):
-            if cfg.on_bad_row == "fail":
-                raise ValueError(f"{cfg.prompts}: line {r.line}: {reason}")
-            progress(f"generate: {cfg.prompts}: line {r.line}: {reason} (skipped)")
-            pstats.bad.append((r.line, reason))
-            requests = [q for q in requests if q is not r]
+        requests = _drop_unusable(cfg, requests, pstats, model=model, encoders=encoders, progress=progress)
     require_prompts(cfg.prompts, requests, pstats)
-    tracking = usable(cfg.tracking, "generation")
-    ensure_ray(cfg.ray_address)
+    return _Job(requests, pstats, model, sr_models, mid, encoders, settings)
 
-    # 2. Rows, minus what an earlier run wrote.
-    rows = expand(requests, cfg, settings)
-    unique = {r["id"]: r for r in rows}
-    done = done_ids(cfg) & set(unique)
-    todo = [r for i, r in unique.items() if i not in done]
+
+def _drop_unusable(
+    cfg: GenerateConfig, requests: list[Request], pstats: PromptStats, *, model: str, encoders: dict, progress
+) -> list[Request]:
+    """The requests minus those whose style image or masks cannot work (each reported and counted as a
+    bad row in pstats, or the job fails on the first with on_bad_row=fail)."""
+    from ediffi.encoders import load_tokenizers
+
+    tokenizers = load_tokenizers(from_dict(EncoderConfig, encoders), model_network(model, cfg.storage).cond)
+    for r, reason in check_requests(requests, cfg, tokenizers):
+        if cfg.on_bad_row == "fail":
+            raise ValueError(f"{cfg.prompts}: line {r.line}: {reason}")
+        progress(f"generate: {cfg.prompts}: line {r.line}: {reason} (skipped)")
+        pstats.bad.append((r.line, reason))
+        requests = [q for q in requests if q is not r]
+    return requests
+
+
+def _report_rows(job: _Job, images: int, done: int, todo: int, progress) -> None:
+    p = job.pstats
     progress(
-        f"generate: {len(requests)} prompts ({pstats.rows} rows, {len(pstats.bad)} bad, {pstats.blank} blank, "
-        f"{pstats.normalized} normalised) -> {len(unique)} images; {len(done)} already written, {len(todo)} to do"
+        f"generate: {len(job.requests)} prompts ({p.rows} rows, {len(p.bad)} bad, {p.blank} blank, "
+        f"{p.normalized} normalised) -> {images} images; {done} already written, {todo} to do"
     )
-    if pstats.duplicate_ids:
-        progress(f"generate: {pstats.duplicate_ids} ids name more than one row (each row keeps its own images)")
-    # 3. Generate.
-    run: dict = {"images": 0, "truncated_prompts": 0}
-    if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / cfg.batch_size)))
-        ds = ds.map_batches(
-            ImageGenerator,
-            fn_constructor_kwargs={
-                "cfg": cfg,
-                "model": model,
-                "mid": mid,
-                "encoders": encoders,
-                "sr_models": sr_models,
-                "fail_after": faults.planned("generate"),
-            },
-            batch_format="pyarrow",
-            batch_size=cfg.batch_size,
-            num_gpus=cfg.num_gpus or None,
-            num_cpus=cfg.num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        )
-        t0, ready = time.time(), []
-        sums = dict.fromkeys(("encode_s", "sample_s", "network_s", "sr_network_s", "write_s"), 0.0)
-        last = 0.0
-        for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            n = b.num_rows
-            run["images"] += n
-            run["truncated_prompts"] += int(pa.compute.sum(b.column("truncated")).as_py() or 0)
-            ready.append(pa.compute.min(b.column("ready")).as_py())
-            for k in sums:
-                sums[k] += float(pa.compute.sum(b.column(k)).as_py())
-            now = time.time()
-            if now - last > 5 or run["images"] == len(todo):
-                rate = run["images"] / (now - t0)
-                eta = (len(todo) - run["images"]) / rate if rate > 0 else math.inf
-                progress(f"generate: {run['images']}/{len(todo)} images, {rate:.2f} img/s, ETA {eta:.0f} s")
-                last = now
-        end = time.time()
-        busy = sum(sums[k] for k in ("encode_s", "sample_s", "write_s"))
-        run.update(
-            seconds=end - t0,
-            images_per_s=run["images"] / (end - t0),
-            images_per_s_after_startup=run["images"] / (end - min(ready)),
-            seconds_per_image={k.removesuffix("_s"): v / run["images"] for k, v in sums.items()},
-            network_share=sums["network_s"] / busy if busy else 0.0,
-        )
-    # 4. Check: every requested id exactly once in the metadata, its image present.
-    summary = _finish(cfg, unique, pstats, run, mid, model, time.time() - t_start)
-    _track(cfg, tracking, summary, encoders)
-    progress(
-        f"generate: {summary['images_total']} images in {cfg.out} ({summary['generated_now']} now); "
-        f"metadata {join(cfg.out, METADATA)}/"
+    if p.duplicate_ids:
+        progress(f"generate: {p.duplicate_ids} ids name more than one row (each row keeps its own images)")
+
+
+def _generate(cfg: GenerateConfig, job: _Job, todo: list[dict], progress) -> dict:
+    """Run the rows through a pool of ImageGenerator actors; what the run did and how fast (summary's `run`)."""
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / cfg.batch_size)))
+    ds = ds.map_batches(
+        ImageGenerator,
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "model": job.model,
+            "mid": job.mid,
+            "encoders": job.encoders,
+            "sr_models": job.sr_models,
+            "fail_after": faults.planned("generate"),
+        },
+        batch_format="pyarrow",
+        **pool_args(cfg),
     )
-    return summary
+    t0, last = time.time(), 0.0
+    images, truncated, ready, seconds = 0, 0, math.inf, Seconds()
+    for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        images += b.num_rows
+        truncated += int(pa.compute.sum(b.column("truncated")).as_py() or 0)
+        ready = min(ready, pa.compute.min(b.column("ready")).as_py())  # the first actor's start-up done
+        seconds.add(b)
+        now = time.time()
+        if now - last > 5 or images == len(todo):
+            rate = images / (now - t0)
+            eta = (len(todo) - images) / rate if rate > 0 else math.inf
+            progress(f"generate: {images}/{len(todo)} images, {rate:.2f} img/s, ETA {eta:.0f} s")
+            last = now
+    end = time.time()
+    busy = seconds.encode + seconds.sample + seconds.write
+    return {
+        "images": images,
+        "truncated_prompts": truncated,
+        "seconds": end - t0,
+        "images_per_s": images / (end - t0),
+        "images_per_s_after_startup": images / (end - ready),
+        "seconds_per_image": {k: v / images for k, v in asdict(seconds).items()},
+        "network_share": seconds.network / busy if busy else 0.0,
+    }
 
 
 def check_encoders(encoders: dict, models: tuple[str, ...], storage: StorageConfig) -> None:
@@ -512,28 +574,23 @@ def job_encoders(cfg: GenerateConfig, model: str) -> dict:
     return meta["encoders"]
 
 
-def _finish(cfg, unique: dict, pstats, run: dict, mid: str, model: str, seconds: float) -> dict:
-    fs, root = filesystem(cfg.out, cfg.storage)
-    afs = arrow_filesystem(fs)
-    ids: list[str] = []
-    for p in fs.glob(join(root, METADATA, "part-*.parquet")):
-        ids += pq.read_table(p, columns=["id"], filesystem=afs).column("id").to_pylist()
-    counts: dict[str, int] = {}
-    for i in ids:
-        counts[i] = counts.get(i, 0) + 1
+def _finish(cfg: GenerateConfig, job: _Job, *, unique: dict, run: dict, seconds: float) -> dict:
+    """Check that every requested id is in the metadata exactly once; write and return the summary."""
+    counts = Counter(_metadata_ids(cfg))
     missing = [i for i in unique if i not in counts]
     dupes = [i for i, n in counts.items() if n > 1]
     if missing or dupes:
         raise JobFailed(f"{cfg.out}: {len(missing)} requested images missing, {len(dupes)} duplicated in metadata")
+    p = job.pstats
     summary = {
         "prompts": cfg.prompts,
-        "model": model,
-        "model_id": mid,
-        "rows": pstats.rows,
-        "bad_rows": [{"line": n, "reason": r} for n, r in pstats.bad],
-        "blank_lines": pstats.blank,
-        "normalized_prompts": pstats.normalized,  # valid rows whose text normalisation changed (text.py)
-        "duplicate_ids": pstats.duplicate_ids,
+        "model": job.model,
+        "model_id": job.mid,
+        "rows": p.rows,
+        "bad_rows": [{"line": n, "reason": r} for n, r in p.bad],
+        "blank_lines": p.blank,
+        "normalized_prompts": p.normalized,  # valid rows whose text normalisation changed (text.py)
+        "duplicate_ids": p.duplicate_ids,
         "images_requested": len(unique),
         "images_total": len(counts),
         "generated_now": run["images"],
@@ -541,6 +598,7 @@ def _finish(cfg, unique: dict, pstats, run: dict, mid: str, model: str, seconds:
         "run": run,
         "seconds": seconds,
     }
+    fs, root = filesystem(cfg.out, cfg.storage)
     write_json(fs, join(root, SUMMARY), summary)
     return summary
 

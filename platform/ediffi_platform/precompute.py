@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 
 from ediffi.conditioning import cond_to_numpy
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi_platform.actors import check_pool, pool_args, start_actor
 from ediffi_platform.config import to_dict
 from ediffi_platform.ingest import (
     DROP_REASONS,
@@ -74,8 +74,7 @@ class PrecomputeConfig:
     ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError(f"batch_size and concurrency must be >= 1, got {self.batch_size}, {self.concurrency}")
+        check_pool(self)
         if self.storage_dtype not in ("float16", "float32"):
             raise ValueError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
 
@@ -85,8 +84,7 @@ class Embedder:
 
     def __init__(self, cfg: PrecomputeConfig):
         self.cfg = cfg
-        self.device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        torch.set_num_threads(cfg.threads_per_actor or max(1, math.ceil(cfg.num_cpus)))
+        self.device = start_actor(cfg)
         self.encoder = ConditioningEncoder(cfg.encoders).to(self.device)
         self.meta = ShardMeta(self.encoder.spec, cfg.image.resolution, cfg.storage_dtype)
         self.ready = time.time()  # encoders loaded: start-up ends here (for throughput figures)
@@ -174,82 +172,104 @@ def _empty_stats() -> dict:
     }
 
 
+@dataclass
+class _Ledger:
+    """The driver's per-shard accounting: a shard is done (its _SUCCESS.json written) once every row
+    it holds came back from write_parts, written or dropped."""
+
+    fs: object  # the output's filesystem
+    root: str  # the output folder on it
+    expected: dict[str, int]  # rows per input shard
+    done: set[str]  # shards complete, in an earlier run or this one
+    seen: dict[str, dict] = field(default_factory=dict)  # this run's counts per shard (_empty_stats)
+    ready: list[float] = field(default_factory=list)  # when each embedding actor had its encoders loaded
+
+    def add(self, row: dict) -> dict | None:
+        """Count one stats row of write_parts; the shard's counts when this row completed it."""
+        self.ready.append(row["ready"])
+        s = self.seen.setdefault(row["shard"], _empty_stats())
+        s["rows_read"] += row["rows"]
+        s["written"] += row["written"]
+        s["truncated_prompts"] += row["truncated"]
+        s["normalized_captions"] += row["normalized"]
+        for reason, n in json.loads(row["dropped"]).items():
+            s["dropped"][reason] += n
+        if s["rows_read"] != self.expected[row["shard"]]:
+            return None
+        s["decoded"] = s["rows_read"] - sum(
+            s["dropped"][r] for r in ("empty_caption", "missing_image", "decode_error", "too_large")
+        )
+        write_json(self.fs, join(self.root, row["shard"], SUCCESS), s)
+        self.done.add(row["shard"])
+        return s
+
+    def throughput(self, t0: float) -> dict:
+        """Rows read and rows/s since t0 (and since the first actor was ready); raises when a shard is short."""
+        missing = sorted(set(self.expected) - self.done)
+        if missing:
+            raise RuntimeError(f"shards not fully processed: {missing[:5]} (row counts did not add up)")
+        end, rows = time.time(), sum(s["rows_read"] for s in self.seen.values())
+        return {
+            "rows": rows,
+            "rows_per_s": rows / (end - t0),
+            "rows_per_s_after_startup": rows / (end - min(self.ready)),
+        }
+
+
 def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
     """Run the job (Ray must be initialised) and return the manifest it wrote."""
     t0 = time.time()
-    out_fs, out_root = filesystem(cfg.output, cfg.storage)
+    # 1. The input shards (each one's row count) and an output that holds compatible embeddings, if any.
+    fs, root = filesystem(cfg.output, cfg.storage)
     shards = list_shards(cfg.input.path, cfg.storage)
     expected = {shard_name(p): check_schema(p, cfg.input, cfg.storage) for p in shards}
     if len(expected) != len(shards):
         raise ValueError("input shards must have distinct file names (they name the output shards)")
-    _check_output_compatible(out_fs, out_root, cfg)
-
-    done = {s for s in expected if out_fs.exists(join(out_root, s, SUCCESS))}
-    skipped = sorted(done)  # finished by an earlier run: neither read nor rewritten
+    _check_output_compatible(fs, root, cfg)
+    # 2. Shards an earlier run finished are neither read nor rewritten; partial output of the others is cleared.
+    done = {s for s in expected if fs.exists(join(root, s, SUCCESS))}
     pending = [p for p in shards if shard_name(p) not in done]
-    for p in pending:  # clear partial output of an interrupted run
-        d = join(out_root, shard_name(p))
-        if out_fs.exists(d):
-            out_fs.rm(d, recursive=True)
+    for p in pending:
+        if fs.exists(join(root, shard_name(p))):
+            fs.rm(join(root, shard_name(p)), recursive=True)
     progress(f"precompute: {len(shards)} input shards, {len(done)} already done, {len(pending)} to do")
-
+    # 3. Read, encode and write the others, marking each shard done once all its rows are accounted for.
+    run = {"rows": 0}
     if pending:
-        # One read task per input shard, streaming decoded batches as it goes.
-        ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(
-            read_and_decode,
-            fn_kwargs={"cfg": cfg.input, "filt": cfg.image, "storage": cfg.storage, "batch_size": cfg.batch_size},
-            batch_format="pyarrow",
-            batch_size=1,
-        )
-        ds = ds.map_batches(
-            Embedder,
-            fn_constructor_kwargs={"cfg": cfg},
-            batch_format="pyarrow",
-            batch_size=cfg.batch_size,
-            num_gpus=cfg.num_gpus or None,
-            num_cpus=cfg.num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        )
-        ds = ds.map_batches(
-            write_parts,
-            fn_kwargs={"output": cfg.output, "storage": cfg.storage},
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=0.25,
-        )
-        seen: dict[str, dict] = {}
-        ready = []  # when each embedding actor had its encoders loaded
-        for row in ds.iter_rows():
-            ready.append(row["ready"])
-            s = seen.setdefault(row["shard"], _empty_stats())
-            s["rows_read"] += row["rows"]
-            s["written"] += row["written"]
-            s["truncated_prompts"] += row["truncated"]
-            s["normalized_captions"] += row["normalized"]
-            for reason, n in json.loads(row["dropped"]).items():
-                s["dropped"][reason] += n
-            if s["rows_read"] == expected[row["shard"]]:
-                s["decoded"] = s["rows_read"] - sum(
-                    s["dropped"][r] for r in ("empty_caption", "missing_image", "decode_error", "too_large")
-                )
-                write_json(out_fs, join(out_root, row["shard"], SUCCESS), s)
-                done.add(row["shard"])
+        ledger = _Ledger(fs, root, expected, set(done))
+        for row in _embeddings(cfg, pending).iter_rows():
+            s = ledger.add(row)
+            if s is not None:
                 progress(
                     f"precompute: shard {row['shard']} done ({s['written']}/{s['rows_read']} rows kept, "
                     f"{s['normalized_captions']} captions normalised); "
-                    f"{len(done)}/{len(shards)} shards, {time.time() - t0:.0f}s"
+                    f"{len(ledger.done)}/{len(shards)} shards, {time.time() - t0:.0f}s"
                 )
-        missing = sorted(set(expected) - done)
-        if missing:
-            raise RuntimeError(f"shards not fully processed: {missing[:5]} (row counts did not add up)")
-        end, rows = time.time(), sum(s["rows_read"] for s in seen.values())
-        run = {"rows": rows, "rows_per_s": rows / (end - t0), "rows_per_s_after_startup": rows / (end - min(ready))}
-    else:
-        run = {"rows": 0}
-    run.update(processed_shards=sorted(shard_name(p) for p in pending), skipped_shards=skipped)
+        run = ledger.throughput(t0)
+    # 4. The manifest: totals over every shard, and what this run did.
+    run.update(processed_shards=sorted(shard_name(p) for p in pending), skipped_shards=sorted(done))
     run["seconds"] = round(time.time() - t0, 2)
-    return _write_embeddings_manifest(out_fs, out_root, cfg, sorted(expected), run, progress)
+    return _write_embeddings_manifest(fs, root, cfg, sorted(expected), run, progress)
+
+
+def _embeddings(cfg: PrecomputeConfig, pending: list[str]) -> ray.data.Dataset:
+    """read_and_decode (a task per input shard, streaming decoded batches) -> Embedder actors -> write_parts:
+    one stats row per shard and written part."""
+    ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(
+        read_and_decode,
+        fn_kwargs={"cfg": cfg.input, "filt": cfg.image, "storage": cfg.storage, "batch_size": cfg.batch_size},
+        batch_format="pyarrow",
+        batch_size=1,
+    )
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", **pool_args(cfg))
+    return ds.map_batches(
+        write_parts,
+        fn_kwargs={"output": cfg.output, "storage": cfg.storage},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0.25,
+    )
 
 
 def _check_output_compatible(fs, root: str, cfg: PrecomputeConfig) -> None:
