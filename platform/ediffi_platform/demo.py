@@ -59,15 +59,47 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     t0 = time.time()
     w = Path(cfg.workdir).absolute()
     w.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
     say = lambda m: progress(f"[demo {time.time() - t0:5.0f}s] {m}")
     tracking = resolve(TrackingConfig(uri=f"sqlite:///{w / 'mlflow.db'}", artifact_root=(w / "mlruns").as_uri()))
+    times: dict[str, float] = {}
+
+    t = time.time()
+    _data(cfg, w, say)  # 1. data, the CLIP fitted to it, embeddings
+    times["data"] = time.time() - t
+    t = time.time()
+    train, base = _base(cfg, w, tracking, say)  # 2. the base model: 2 CPU workers
+    times["base"] = time.time() - t
+    t = time.time()
+    experts = _experts(cfg, w, train, base["checkpoint"], say)  # 3. two experts, concurrently
+    times["experts"] = time.time() - t
+    t = time.time()
+    models = {"base": base["checkpoint"], "ensemble": experts["manifest"]}
+    held, results = _generate_and_judge(cfg, w, models, tracking, say)  # 4. held-out captions, judged
+    times["generate_and_judge"] = time.time() - t
+
+    # 5. Report.
+    _log_alignment(tracking, results, cfg)
+    grid_path = _grid(w, results["ensemble"]["images"], len(held))
+    report = _report(w, cfg, held=held, results=results, base=base, experts=experts, tracking=tracking, times=times)
+    summary = {
+        "seconds": time.time() - t0,
+        "stage_seconds": times,
+        "alignment": {k: v["alignment"] for k, v in results.items()},
+        "images": str(w / "outputs"),
+        "grid": str(grid_path),
+        "report": str(report),
+        "base_checkpoint": base["checkpoint"],
+        "ensemble_manifest": experts["manifest"],
+        "mlflow": f"mlflow ui --backend-store-uri {tracking.uri}",
+    }
+    (w / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _data(cfg: DemoConfig, w: Path, say) -> None:
+    """Synthetic shards, the tiny CLIP fitted to them (on the cluster, like every stage), embeddings."""
     from ediffi.presets import get_preset
 
-    R = get_preset(cfg.preset).img_resolution
-
-    # 1. Data and embeddings.
-    t = time.time()
     if not (w / "data" / "synthetic").exists():
         write_synthetic(SyntheticConfig(output=str(w / "data" / "synthetic"), rows=cfg.rows, shards=4))
     encoders = EncoderConfig()
@@ -77,24 +109,22 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
             fit = ClipFitConfig(
                 input=InputConfig(path=str(w / "data" / "synthetic")), output=str(clip), steps=cfg.clip_steps
             )
-            r = ray.get(ray.remote(num_cpus=1)(fit_clip).remote(fit))  # on the cluster, like every stage
+            r = ray.get(ray.remote(num_cpus=1)(fit_clip).remote(fit))
             say(f"clip fit: {r['pairs']} pairs, contrastive loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}")
         else:
             say(f"clip fit: {clip} exists; skipped")
         encoders = EncoderConfig(clip_pretrained=str(clip))
-    run_precompute(
-        PrecomputeConfig(
-            input=InputConfig(path=str(w / "data" / "synthetic")),
-            output=str(w / "data" / "embeddings"),
-            image=ImageFilter(resolution=R),
-            encoders=encoders,
-        ),
-        progress=say,
+    precompute = PrecomputeConfig(
+        input=InputConfig(path=str(w / "data" / "synthetic")),
+        output=str(w / "data" / "embeddings"),
+        image=ImageFilter(resolution=get_preset(cfg.preset).img_resolution),
+        encoders=encoders,
     )
-    times["data"] = time.time() - t
+    run_precompute(precompute, progress=say)
 
-    # 2. Base model: 2 CPU workers.
-    t = time.time()
+
+def _base(cfg: DemoConfig, w: Path, tracking: TrackingConfig, say) -> tuple[TrainConfig, dict]:
+    """The base model's training config and its run's result."""
     train = TrainConfig(
         data=str(w / "data" / "embeddings"),
         preset=cfg.preset,
@@ -114,11 +144,11 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
         name="base",
         tracking=tracking,
     )
-    base = run_training(train, progress=say)
-    times["base"] = time.time() - t
+    return train, run_training(train, progress=say)
 
-    # 3. Two experts, split at the median of the training noise distribution, concurrently.
-    t = time.time()
+
+def _experts(cfg: DemoConfig, w: Path, train: TrainConfig, base: str, say) -> dict:
+    """Two experts split at the median of the training noise distribution, fine-tuned at once."""
     expert_train = replace(
         train,
         steps=cfg.expert_steps,
@@ -130,21 +160,20 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
         log_every=max(1, cfg.expert_steps // 10),
         sample_images=0,
     )
-    experts = run_finetune(
-        FinetuneConfig(
-            base=base["checkpoint"], plan=ExpertPlan(quantiles=(0.5,)), train=expert_train, output=str(w / "experts")
-        ),
-        progress=say,
+    plan = ExpertPlan(quantiles=(0.5,))
+    return run_finetune(
+        FinetuneConfig(base=base, plan=plan, train=expert_train, output=str(w / "experts")), progress=say
     )
-    times["experts"] = time.time() - t
 
-    # 4. Generation for held-out captions, from the base model and from the ensemble.
-    t = time.time()
+
+def _generate_and_judge(cfg: DemoConfig, w: Path, models: dict[str, str], tracking, say) -> tuple[list[dict], dict]:
+    """Images of held-out captions from each model, judged from the pixels: (the held-out rows, per model
+    its alignment, generation figures and images)."""
     held = make_shard(SyntheticConfig(rows=cfg.eval_prompts, shards=1, seed=12345), 0).to_pylist()
     (w / "prompts.txt").write_text("\n".join(r["caption"] for r in held) + "\n")
     labels = [{k: r[k] for k in LABELS} for r in held]
     results = {}
-    for name, model in (("base", base["checkpoint"]), ("ensemble", experts["manifest"])):
+    for name, model in models.items():
         gen = GenerateConfig(
             prompts=str(w / "prompts.txt"),
             out=str(w / "outputs" / name),
@@ -161,25 +190,7 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
         scores = alignment([images[i + 1] for i in range(len(held))], labels)
         results[name] = {"alignment": scores, "generation": summary["run"], "images": images}
         say(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
-    times["generate_and_judge"] = time.time() - t
-
-    # 5. Report.
-    _log_alignment(tracking, results, cfg)
-    grid_path = _grid(w, results["ensemble"]["images"], len(held))
-    report = _report(w, cfg, held, labels, results, base, experts, tracking, times)
-    summary = {
-        "seconds": time.time() - t0,
-        "stage_seconds": times,
-        "alignment": {k: v["alignment"] for k, v in results.items()},
-        "images": str(w / "outputs"),
-        "grid": str(grid_path),
-        "report": str(report),
-        "base_checkpoint": base["checkpoint"],
-        "ensemble_manifest": experts["manifest"],
-        "mlflow": f"mlflow ui --backend-store-uri {tracking.uri}",
-    }
-    (w / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return held, results
 
 
 def _images_by_line(out: Path) -> dict[int, np.ndarray]:
@@ -247,7 +258,9 @@ def _curves(tracking, run_ids: dict[str, str]) -> str:
     return "".join(parts)
 
 
-def _report(w, cfg, held, labels, results, base, experts, tracking, times) -> Path:
+def _report(w: Path, cfg: DemoConfig, *, held, results, base, experts, tracking, times) -> Path:
+    """report.html: samples per held-out prompt with what the judge read, loss curves, alignment."""
+    labels = [{k: r[k] for k in LABELS} for r in held]
     import base64
     import io
 
