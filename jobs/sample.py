@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ediffi.checkpoint import load_checkpoint, read_config
+from ediffi.checkpoint import EMA_FILE, load_checkpoint, read_config
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi.ensemble import load_ensemble, read_manifest
 from ediffi.pipeline import SamplerConfig, check_compatible, grid, text_to_image
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = SamplerConfig(sampler=a.sampler, steps=a.steps, guidance=a.guidance)
     if a.checkpoint:
-        D, _ = load_checkpoint(a.checkpoint, use_ema=Path(a.checkpoint, "ema.safetensors").is_file(), device=a.device)
+        D, _ = load_checkpoint(a.checkpoint, use_ema=Path(a.checkpoint, EMA_FILE).is_file(), device=a.device)
         net_cfg = D.net.cfg
     elif a.manifest:
         net_cfg = read_config(read_manifest(a.manifest)[1][0])[0]
