@@ -9,6 +9,7 @@ import sys
 
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import job_config, run_job
+from ediffi_platform.console import job_console
 from ediffi_platform.demo import DemoConfig, run_demo
 from ediffi_platform.judge import SHAPE_BY_SIZE
 
@@ -17,8 +18,9 @@ def main(argv=None) -> int:
     cfg = job_config(DemoConfig, argv, __doc__)
 
     def body():
-        ensure_ray(num_cpus=2)
-        s = run_demo(cfg)
+        with job_console("demo", cfg.workdir) as con:
+            ensure_ray(num_cpus=2)
+            s = run_demo(cfg, progress=con.say)
         a = s["alignment"]
         print()
         print(f"demo finished in {s['seconds'] / 60:.1f} min")

@@ -9,6 +9,7 @@ import sys
 
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import job_config, run_job
+from ediffi_platform.console import job_console
 from ediffi_platform.evaluate import EvalConfig, run_evaluate
 
 
@@ -16,8 +17,10 @@ def main(argv=None) -> int:
     cfg = job_config(EvalConfig, argv, __doc__)
 
     def body():
-        ensure_ray()
-        print(json.dumps(run_evaluate(cfg), indent=2))
+        with job_console("evaluate", None) as con:  # its log goes to ./_logs/
+            ensure_ray()
+            figures = run_evaluate(cfg, progress=con.say)
+        print(json.dumps(figures, indent=2))
 
     return run_job(body)
 

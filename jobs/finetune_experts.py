@@ -9,6 +9,7 @@ import sys
 
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import job_config, run_job
+from ediffi_platform.console import job_console
 from ediffi_platform.experts import FinetuneConfig, run_finetune
 
 
@@ -16,8 +17,9 @@ def main(argv=None) -> int:
     cfg = job_config(FinetuneConfig, argv, __doc__)
 
     def body():
-        ensure_ray(cfg.train.ray_address)
-        run_finetune(cfg)
+        with job_console("experts", cfg.output) as con:
+            ensure_ray(cfg.train.ray_address)
+            run_finetune(cfg, progress=con.say)
 
     return run_job(body)
 

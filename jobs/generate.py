@@ -8,6 +8,7 @@ ray job submit --working-dir . -- python jobs/generate.py --config CONFIG --prom
 import sys
 
 from ediffi_platform.config import job_config, run_job
+from ediffi_platform.console import job_console
 from ediffi_platform.generate import GenerateConfig, run_generate
 
 
@@ -21,7 +22,12 @@ def main(argv=None) -> int:
                 return 2
             argv[i : i + 2] = [f"{key}={argv[i + 1]}"]
     cfg = job_config(GenerateConfig, argv, __doc__)
-    return run_job(lambda: run_generate(cfg))  # prompts and model are checked before Ray starts
+
+    def body():
+        with job_console("generate", cfg.out) as con:  # the log starts with Ray, after the checks
+            run_generate(cfg, progress=con.say)
+
+    return run_job(body)  # prompts and model are checked before Ray starts
 
 
 if __name__ == "__main__":

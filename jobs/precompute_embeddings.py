@@ -9,6 +9,7 @@ import sys
 
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import job_config, run_job
+from ediffi_platform.console import job_console
 from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 
 
@@ -16,8 +17,10 @@ def main(argv=None) -> int:
     cfg = job_config(PrecomputeConfig, argv, __doc__)
 
     def body():
-        ensure_ray(cfg.ray_address)
-        print(json.dumps(run_precompute(cfg)["totals"], indent=2))
+        with job_console("precompute", cfg.output) as con:
+            ensure_ray(cfg.ray_address)
+            totals = run_precompute(cfg, progress=con.say)["totals"]
+        print(json.dumps(totals, indent=2))
 
     return run_job(body)
 

@@ -8,6 +8,7 @@ import sys
 
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import job_config, run_job
+from ediffi_platform.console import job_console
 from ediffi_platform.train import TrainConfig, run_training
 
 
@@ -15,8 +16,9 @@ def main(argv=None) -> int:
     cfg = job_config(TrainConfig, argv, __doc__)
 
     def body():
-        ensure_ray(cfg.ray_address)
-        run_training(cfg)
+        with job_console(f"train-{cfg.name}", cfg.output) as con:
+            ensure_ray(cfg.ray_address)
+            run_training(cfg, progress=con.say)
 
     return run_job(body)
 

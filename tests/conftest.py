@@ -85,6 +85,7 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # as ensure_ray sets it: no doubled lines
     # Ray Train's controller polls its workers every 2 s: a fit then idles ~2 s after its last step
     # (~4 s to shut down in all), and there are some twenty fits in the suite.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")

@@ -2,6 +2,10 @@
 images it wrote, and a second run resumes (every stage skipped, nothing rewritten)."""
 
 import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,8 @@ from ediffi.pipeline import SamplerConfig
 from ediffi_platform.demo import DemoConfig, run_demo
 from ediffi_platform.judge import alignment
 from ediffi_platform.synthetic import BACKGROUNDS, COLORS, POSITION_PHRASES, SHAPES, SIZES, draw
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def caption_labels(caption: str) -> dict[str, str]:
@@ -43,6 +49,20 @@ def files(w: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for s in stages for p in (w / s).rglob("*") if p.suffix in keep}
 
 
+def _run_demo_job(cfg: DemoConfig) -> tuple[dict, str]:
+    """`jobs/demo.py` with cfg's settings, attached to the suite's Ray cluster: (its summary, its stdout)."""
+    import ray
+
+    args = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if f.name != "sampler"]
+    args += [f"sampler.steps={cfg.sampler.steps}", f"sampler.guidance={cfg.sampler.guidance}"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "jobs/demo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(Path(cfg.workdir, "summary.json").read_text()), p.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
 def test_demo_end_to_end_small_and_resumed(tmp_path):
@@ -57,14 +77,22 @@ def test_demo_end_to_end_small_and_resumed(tmp_path):
         eval_prompts=6,
         sampler=SamplerConfig(steps=4, guidance=3.0),
     )
-    logs = []
-    s = run_demo(cfg, progress=logs.append)
+    # The first run as a user starts it (attached to the suite's cluster): a short terminal that ends
+    # with the summary, Ray's output in the log it names, each training line there once.
+    s, terminal = _run_demo_job(cfg)
+    lines = terminal.splitlines()
+    assert len(lines) < 60 and lines[-1].startswith("  MLflow UI:  mlflow ui") and "RayTrainWorker" not in terminal
+    (log,) = (w / "_logs").glob("demo-*.log")
+    assert f"log: {log}" in terminal
+    text = log.read_text()
+    assert "RayTrainWorker" in text and text.count("[train base] step 2/2 loss") == 1
+    assert "experts: manifest" in text and "experts: manifest" in terminal
     for k in ("grid", "report"):
         assert Path(s[k]).is_file()
     assert json.loads((w / "summary.json").read_text())["report"] == s["report"]
     report = Path(s["report"]).read_text()
     assert "Text alignment" in report and report.count("<img") == 12 and "<svg" in report
-    assert any("experts: manifest" in m for m in logs) and "mlflow ui --backend-store-uri sqlite:///" in s["mlflow"]
+    assert "mlflow ui --backend-store-uri sqlite:///" in s["mlflow"]
     for name in ("base", "ensemble"):
         got, pairs = judged(w / "outputs" / name)
         assert len(pairs) == 6 and s["alignment"][name] == got

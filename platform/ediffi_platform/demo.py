@@ -101,7 +101,7 @@ def _data(cfg: DemoConfig, w: Path, say) -> None:
     from ediffi.presets import get_preset
 
     if not (w / "data" / "synthetic").exists():
-        write_synthetic(SyntheticConfig(output=str(w / "data" / "synthetic"), rows=cfg.rows, shards=4))
+        write_synthetic(SyntheticConfig(output=str(w / "data" / "synthetic"), rows=cfg.rows, shards=4), progress=say)
     encoders = EncoderConfig()
     if cfg.clip_steps:
         clip = w / "data" / "clip.safetensors"

@@ -241,9 +241,9 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
             s = ledger.add(row)
             if s is not None:
                 progress(
-                    f"precompute: shard {row['shard']} done ({s['written']}/{s['rows_read']} rows kept, "
-                    f"{s['normalized_captions']} captions normalised); "
-                    f"{len(ledger.done)}/{len(shards)} shards, {time.time() - t0:.0f}s"
+                    f"precompute: {len(ledger.done)}/{len(shards)} shards; shard {row['shard']} done "
+                    f"({s['written']} of {s['rows_read']} rows kept, {s['normalized_captions']} captions normalised), "
+                    f"{time.time() - t0:.0f}s"
                 )
         run = ledger.throughput(t0)
     # 4. The manifest: totals over every shard, and what this run did.
@@ -322,7 +322,7 @@ def _write_embeddings_manifest(fs, root: str, cfg: PrecomputeConfig, names: list
     }
     write_json(fs, join(root, EMBEDDINGS_MANIFEST), doc)
     progress(
-        f"precompute: {totals['written']}/{totals['rows_read']} rows written, dropped {totals['dropped']}, "
+        f"precompute: {totals['written']} of {totals['rows_read']} rows written, dropped {totals['dropped']}, "
         f"{totals['normalized_captions']} captions normalised; this run: {len(run['processed_shards'])} shards "
         f"processed, {len(run['skipped_shards'])} skipped (done earlier); manifest {join(cfg.output, EMBEDDINGS_MANIFEST)}"
     )

@@ -145,8 +145,8 @@ def make_shard(cfg: SyntheticConfig, shard: int) -> pa.Table:
     return pa.table({k: pa.array(v, type=pa.binary() if k == "jpg" else pa.string()) for k, v in cols.items()})
 
 
-def write_synthetic(cfg: SyntheticConfig, storage: StorageConfig = StorageConfig()) -> list[str]:
-    """Write all shards (`{output}/{shard:05d}.parquet`) and return their URLs."""
+def write_synthetic(cfg: SyntheticConfig, storage: StorageConfig = StorageConfig(), progress=None) -> list[str]:
+    """Write all shards (`{output}/{shard:05d}.parquet`) and return their URLs; `progress` hears of each."""
     fs, root = filesystem(cfg.output, storage)
     fs.makedirs(root, exist_ok=True)
     afs = arrow_filesystem(fs)
@@ -155,4 +155,6 @@ def write_synthetic(cfg: SyntheticConfig, storage: StorageConfig = StorageConfig
         path = join(root, f"{s:05d}.parquet")
         pq.write_table(make_shard(cfg, s), path, filesystem=afs)
         urls.append(join(cfg.output, f"{s:05d}.parquet"))
+        if progress:
+            progress(f"synthetic data: {s + 1}/{cfg.shards} shards, {cfg.rows} rows in all")
     return urls
