@@ -230,7 +230,7 @@ def test_s3_input_and_output(s3_server):
 # done and a later shard has part files but no _SUCCESS yet: the interruption point is a state of the
 # output, not a moment, so the machine's speed cannot change what the rerun has to repair.
 KILL_AFTER_SHARDS = """
-import functools, glob, os, signal, sys, time
+import glob, os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 import precompute_embeddings as job
 
@@ -240,9 +240,8 @@ def half_written():
     return [p for p in glob.glob(os.path.join(out, "*", "part-*.parquet"))
             if not os.path.exists(os.path.join(os.path.dirname(p), "_SUCCESS.json"))]
 
-def progress(msg):
-    print(msg, flush=True)
-    if msg.startswith("precompute: shard ") and " done (" in msg:
+def watch(msg):
+    if msg.startswith("precompute: ") and " shards; shard " in msg and " done (" in msg:
         done.append(msg)
         if len(done) == n:  # the driver waits here; Ray Data's executor keeps writing parts meanwhile
             deadline = time.time() + 120
@@ -254,7 +253,10 @@ def progress(msg):
             assert os.getpgid(0) == os.getpid(), "run me as a process group leader"
             os.killpg(0, signal.SIGKILL)
 
-job.run_precompute = functools.partial(job.run_precompute, progress=progress)
+def run_precompute(cfg, progress):  # the job's console still prints each line; this watches them too
+    return real(cfg, progress=lambda msg: (progress(msg), watch(msg)))
+
+real, job.run_precompute = job.run_precompute, run_precompute
 sys.exit(job.main(sys.argv[4:]))
 """
 
