@@ -52,10 +52,12 @@ def shared_sections() -> dict[str, type]:
     """Config sections several jobs share, each listed once in its own table: title -> dataclass."""
     from ediffi.encoders import EncoderConfig
     from ediffi.pipeline import SamplerConfig
+    from ediffi.unet import UNetConfig
     from ediffi_platform.storage import StorageConfig
     from ediffi_platform.tracking import TrackingConfig
 
     return {
+        "model.*": UNetConfig,
         "sampler.*": SamplerConfig,
         "encoders.*": EncoderConfig,
         "storage.*": StorageConfig,
@@ -69,6 +71,15 @@ def shared_tables() -> dict[type, str]:
     from ediffi_platform.train import TrainConfig
 
     return {cls: title for title, cls in shared_sections().items()} | {TrainConfig: "jobs/train_base.py"}
+
+
+# A line under a shared section's heading, where its defaults need saying.
+SECTION_NOTES = {
+    "model.*": (
+        "Training and expert jobs set these over their `preset`: a preset's own values replace the defaults "
+        "below (the preset table), and `cond.*` defaults to the shapes of the training data."
+    ),
+}
 
 
 def anchor(title: str) -> str:
@@ -159,7 +170,9 @@ def rows(
         key, tp, text, value = prefix + f.name, hints[f.name], comments.get(f.name, ""), _value(f, defaults)
         inner = [a for a in typing.get_args(tp) if a is not type(None) and a is not Ellipsis]
         section = tp if dataclasses.is_dataclass(tp) else (inner[0] if len(inner) == 1 else None)
-        if not dataclasses.is_dataclass(section):
+        if tp is dict and f"{f.name}.*" in shared.values():  # a mapping of a shared section's keys
+            out.append((key, _type_name(tp), _show(value), _refer(f"{key}.*", f"{f.name}.*", text)))
+        elif not dataclasses.is_dataclass(section):
             out.append((key, _type_name(tp), _show(value), text))
         elif section in shared and dataclasses.is_dataclass(value):
             out.append((f"{key}.*", "section", _changed(section, value), _refer(f"{key}.*", shared[section], text)))
@@ -197,7 +210,10 @@ def markdown() -> str:
         "",
     ]
     for title, cls in shared_sections().items():
-        parts += _table(title, cls, title.removesuffix("*"), {})
+        table = _table(title, cls, title.removesuffix("*"), {})
+        if title in SECTION_NOTES:
+            table[4:4] = [SECTION_NOTES[title], ""]  # after the docstring line
+        parts += table
     parts += [END]
     return "\n".join(parts)
 

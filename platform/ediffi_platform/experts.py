@@ -14,16 +14,23 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import ray
 
 from ediffi.edm import NoiseDistribution
 from ediffi.ensemble import EDIFFI_BASE_QUANTILES, Interval, boundaries_from_quantiles, split_interval, tree_quantiles
 from ediffi.ensemble import intervals_from_boundaries as _intervals
+from ediffi.unet import UNetConfig
 from ediffi_platform import faults
 from ediffi_platform.config import JobFailed, from_dict, to_dict
-from ediffi_platform.runs import ENSEMBLE_MANIFEST, latest_checkpoint, resolve_checkpoint, write_ensemble_manifest
+from ediffi_platform.runs import (
+    ENSEMBLE_MANIFEST,
+    latest_checkpoint,
+    model_network,
+    resolve_checkpoint,
+    write_ensemble_manifest,
+)
 from ediffi_platform.storage import absolute, filesystem, join, read_json, write_json
 from ediffi_platform.tracking import Tracker, flatten, usable
 from ediffi_platform.train import TrainConfig, run_training, validate_training
@@ -76,7 +83,9 @@ class FinetuneConfig:
 
     base: str = "runs/base"  # base checkpoint: a checkpoint folder, or a training run folder (its latest)
     plan: ExpertPlan = field(default_factory=ExpertPlan)  # how the noise range is split
-    train: TrainConfig = field(default_factory=TrainConfig)  # how each expert trains (steps = per expert)
+    train: TrainConfig = field(
+        default_factory=TrainConfig
+    )  # how each expert trains (steps = per expert; the network is the base's)
     experts: dict = field(default_factory=dict)  # per-expert overrides of `train` by name, e.g. {expert1: {steps: 500}}
     output: str = "runs/experts"  # expert runs and the ensemble manifest go here (folder or s3://)
     name: str = "ensemble"  # MLflow parent run name
@@ -104,9 +113,12 @@ def expert_names(plan: ExpertPlan) -> list[str]:
     return [f"level{d + 1}-expert{i}" for d, level in enumerate(levels) for i in range(len(level))]
 
 
-def expert_configs(cfg: FinetuneConfig, base: str) -> list[list[tuple[str, str | None, TrainConfig]]]:
+def expert_configs(
+    cfg: FinetuneConfig, base: str, base_net: UNetConfig
+) -> list[list[tuple[str, str | None, TrainConfig]]]:
     """Each expert's name, parent expert (None: the base model) and training config, level by level.
-    An expert's init_from is its parent's final checkpoint, known once the level before finished."""
+    An expert's init_from is its parent's final checkpoint, known once the level before finished;
+    its network is the base's (`base_net`, every field in `model`)."""
     names = iter(expert_names(cfg.plan))
     out = []
     noise = NoiseDistribution(cfg.train.P_mean, cfg.train.P_std)  # quantiles of the base's training noise
@@ -118,9 +130,27 @@ def expert_configs(cfg: FinetuneConfig, base: str) -> list[list[tuple[str, str |
             t = replace(t, init_from=base, resume=None)
             if name in cfg.experts:
                 t = from_dict(TrainConfig, {**to_dict(t), **cfg.experts[name]}, f"experts.{name}")
+            where = f"experts.{name}" if "model" in cfg.experts.get(name, {}) else "train"
+            t = replace(t, model=_base_network(t.model, base_net, where))
             row.append((name, None if parent is None else f"level{d}-expert{parent}", t))
         out.append(row)
     return out
+
+
+def _base_network(model: dict, base_net: UNetConfig, where: str) -> dict:
+    """`model` settings over the base's network, as a full `model` mapping. Only `dropout` may
+    differ from the base: any other field changes the weights the expert starts from."""
+    net = to_dict(base_net)
+    for k, v in model.items():
+        net[k] = {**net["cond"], **v} if k == "cond" and isinstance(v, dict) else v
+    mine = from_dict(UNetConfig, net, f"{where}.model")
+    for f in fields(UNetConfig):
+        if f.name != "dropout" and getattr(mine, f.name) != getattr(base_net, f.name):
+            raise ValueError(
+                f"{where}.model.{f.name}={getattr(mine, f.name)!r}: experts fine-tune the base's network, "
+                f"whose {f.name} is {getattr(base_net, f.name)!r} (leave model unset, or set only dropout)"
+            )
+    return net
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -137,8 +167,8 @@ def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
     base = resolve_checkpoint(cfg.base, storage)
     tracking = usable(cfg.train.tracking, "expert training")
     cfg = replace(cfg, output=absolute(cfg.output), train=replace(cfg.train, tracking=tracking))
-    levels = expert_configs(cfg, base)
-    validate_training(cfg.train)
+    levels = expert_configs(cfg, base, model_network(base, storage))
+    validate_training(levels[0][0][2])  # every expert reads the same data with the base's network
 
     # The job's state (its MLflow parent run) and the experts, level by level.
     fs, root = filesystem(cfg.output, storage)

@@ -33,7 +33,7 @@ from ediffi.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from ediffi.conditioning import DropoutConfig
+from ediffi.conditioning import CondSpec, DropoutConfig
 from ediffi.distributed import (
     STRATEGIES,
     full_model_state,
@@ -44,7 +44,7 @@ from ediffi.distributed import (
 from ediffi.edm import P_MEAN, P_STD, EDMPrecond, NoiseDistribution
 from ediffi.ema import EMA
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
-from ediffi.presets import PRESETS, build_denoiser, get_preset, memory_format
+from ediffi.presets import PRESETS, build_denoiser, memory_format
 from ediffi.sr import SRConfig, augment, degrade
 from ediffi.training import step_seed, train_step
 from ediffi.unet import UNetConfig
@@ -52,7 +52,7 @@ from ediffi_platform import faults
 from ediffi_platform.config import from_dict, to_dict
 from ediffi_platform.reader import EpochCache, ray_dataset, shard_files
 from ediffi_platform.runs import data_encoders, is_checkpoint, latest_checkpoint, training_state
-from ediffi_platform.shards import check_shards_fit
+from ediffi_platform.shards import ShardMeta, check_shards_fit
 from ediffi_platform.storage import (
     StorageConfig,
     absolute,
@@ -86,6 +86,9 @@ class TrainConfig:
 
     data: str = "data/embeddings"  # embedding shards from jobs/precompute_embeddings.py
     preset: str = "demo"  # network preset (ediffi.presets.PRESETS)
+    model: dict = field(
+        default_factory=dict
+    )  # network fields over the preset's, e.g. model.model_channels=96; model.cond.* defaults to the data's shapes
     steps: int = 1000  # optimiser steps in total (a resumed run ends at the same count)
     batch_size: int = 32  # micro-batch per worker
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser
@@ -124,9 +127,24 @@ class TrainConfig:
         """The training noise distribution, restricted to [sigma_lo, sigma_hi)."""
         return NoiseDistribution(self.P_mean, self.P_std, self.sigma_lo, self.sigma_hi)
 
+    def network(self, data: CondSpec | None = None) -> UNetConfig:
+        """The network this run trains: the preset with `model`'s fields over it. Its conditioning
+        shapes are the data's (`data`, from the shards' metadata) unless `model.cond` sets them; the
+        training checks explicit ones against the data."""
+        fields_ = to_dict(PRESETS[self.preset])
+        cond, given = fields_.pop("cond"), self.model.get("cond", {})
+        if isinstance(given, dict):
+            cond = asdict(data) if data is not None and not given else {**cond, **given}
+        else:
+            cond = given  # not a mapping: from_dict names it
+        return from_dict(
+            UNetConfig, {**fields_, **{k: v for k, v in self.model.items() if k != "cond"}, "cond": cond}, "model"
+        )
+
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        net = self.network()  # unknown or bad model.* fields are named here
         for k in ("steps", "batch_size", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -138,13 +156,12 @@ class TrainConfig:
         if self.strategy == "fsdp" and self.memory_format == "channels_last":
             raise ValueError("memory_format=channels_last is not supported with strategy=fsdp (use auto or contiguous)")
         self.noise()
-        sr = PRESETS[self.preset].sr
-        if sr and self.lowres < 1:
+        if net.sr and self.lowres < 1:
             raise ValueError(f"preset {self.preset!r} is a super-resolution stage: set lowres (its input resolution)")
-        if not sr and self.lowres:
+        if not net.sr and self.lowres:
             raise ValueError(f"lowres is for super-resolution presets; {self.preset!r} is a base stage")
-        if self.lowres and self.lowres >= PRESETS[self.preset].img_resolution:
-            raise ValueError(f"lowres={self.lowres} must be below the preset's {PRESETS[self.preset].img_resolution}px")
+        if self.lowres and self.lowres >= net.img_resolution:
+            raise ValueError(f"lowres={self.lowres} must be below the network's {net.img_resolution}px")
         if self.cache_mb < 0:
             raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
         if self.aug_sigma_max < 0:
@@ -228,7 +245,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # Restore, then distribute: weights before sharding, EMA and optimizer state after.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 does not broadcast)
-    D = build_denoiser(get_preset(cfg.preset))
+    net_cfg = cfg.network(config["meta"].spec)
+    D = build_denoiser(net_cfg)
     state, ema_weights, optim_state = _restore(cfg, D, config)
     m = _distribute(cfg, D, device, state, ema_weights, optim_state)
     tracker = Tracker(cfg.tracking, run_id=state.mlflow_run_id) if rank == 0 else None
@@ -322,7 +340,7 @@ def _distribute(cfg, D, device, state: TrainState, ema_weights: dict | None, opt
         ema.load(ema_weights, state.step if state.ema_updates is None else state.ema_updates)
     if optim_state is not None:
         load_optimizer_state(wrapped, opt, optim_state)
-    return _Model(get_preset(cfg.preset), D, wrapped, ema, opt)
+    return _Model(D.net.cfg, D, wrapped, ema, opt)
 
 
 def _optimizer_steps(cfg: TrainConfig, cache: EpochCache, shard, meta: dict, state: TrainState, device):
@@ -418,11 +436,11 @@ def _sample_grid(net_cfg, ema_weights: dict, batch, n: int, lowres: int) -> np.n
     return grid(to_uint8(imgs)).numpy()
 
 
-def validate_training(cfg: TrainConfig) -> dict:
+def validate_training(cfg: TrainConfig) -> ShardMeta:
     """The checks that need no worker: data present, shards' schema and resolution vs the model.
     Returns the shards' layout metadata."""
     _, meta = shard_files(cfg.data, cfg.storage)
-    net_cfg = get_preset(cfg.preset)
+    net_cfg = cfg.network(meta.spec)
     check_shards_fit(meta, net_cfg.cond, net_cfg.img_resolution, cfg.data)
     return meta
 

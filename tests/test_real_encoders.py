@@ -1,0 +1,82 @@
+"""Real encoder architectures offline: a T5 v1.1-style encoder saved to a local folder (d_model 64)
+and open_clip's ViT-B-32 by its own name (random init), through precompute, training with a preset
+whose conditioning shapes come from the data, expert fine-tuning and generation."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import embeddings, t5_v11_folder
+from ediffi.checkpoint import load_checkpoint
+from ediffi.conditioning import CondSpec
+from ediffi.encoders import EncoderConfig
+from ediffi.pipeline import SamplerConfig
+from ediffi.presets import PRESETS
+from ediffi_platform.config import load_config
+from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
+from ediffi_platform.generate import GenerateConfig, run_generate
+from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
+from ediffi_platform.tracking import TrackingConfig
+from ediffi_platform.train import TrainConfig, run_training, validate_training
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+VIT_B_32 = CondSpec(t5_len=128, t5_dim=64, clip_len=77, clip_dim=512, clip_embed_dim=512)
+
+
+def test_local_t5_folder_and_vit_b_32_precompute_train_finetune_and_generate(tmp_path):
+    src = tmp_path / "in"
+    write_synthetic(SyntheticConfig(output=str(src), rows=24, shards=2))
+    captions = pq.read_table(str(src), columns=["caption"]).column("caption").to_pylist()
+    enc = EncoderConfig(t5=str(t5_v11_folder(tmp_path / "t5", captions)), clip="ViT-B-32")
+    embeddings(tmp_path, rows=24, resolution=32, encoders=enc)
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert manifest["meta"]["spec"] == VIT_B_32.__dict__
+
+    # preset=demo and nothing else about shapes: they come from the data; model.* changes the network.
+    off = "tracking.enabled=false"
+    common = [f"data={tmp_path / 'emb'}", "preset=demo", "batch_size=4", "num_workers=1", "cpus_per_worker=0.25", off]
+    common += ["sample_images=0"]
+    cfg = load_config(TrainConfig, None, [*common, "steps=2", f"output={tmp_path / 'runs'}"])
+    D, meta = load_checkpoint(run_training(cfg, progress=lambda *_: None)["checkpoint"])
+    assert D.net.cfg == replace(PRESETS["demo"], cond=VIT_B_32)
+    assert meta["encoders"]["t5"] == enc.t5 and meta["encoders"]["clip"] == "ViT-B-32"
+    small = load_config(TrainConfig, None, [*common, "steps=1", "model.model_channels=32", f"output={tmp_path / 's'}"])
+    D, _ = load_checkpoint(run_training(small, progress=lambda *_: None)["checkpoint"])
+    assert D.net.cfg == replace(PRESETS["demo"], model_channels=32, cond=VIT_B_32)
+
+    # Explicit shapes that disagree with the data are an error naming both.
+    with pytest.raises(ValueError, match="shards have t5_dim=64, the model expects t5_dim=32"):
+        validate_training(replace(cfg, model={"cond": {"t5_dim": 32}}))
+
+    # Experts fine-tune the base's network (this job's train.preset is another one) ...
+    ft = FinetuneConfig(
+        base=str(tmp_path / "runs" / "base"),
+        plan=ExpertPlan(boundaries=(1.0,)),
+        train=load_config(TrainConfig, None, [*common, "steps=1"]),
+        output=str(tmp_path / "experts"),
+        experts={"expert1": {"model": {"dropout": 0.1}}},  # ... whose dropout an expert may change
+    )
+    with pytest.raises(ValueError, match=r"train\.model\.model_channels=32: experts fine-tune the base's network"):
+        run_finetune(replace(ft, train=replace(ft.train, model={"model_channels": 32})), progress=lambda *_: None)
+    done = run_finetune(ft, progress=lambda *_: None)
+    nets = [load_checkpoint(done["experts"][e]["checkpoint"])[0].net.cfg for e in ("expert0", "expert1")]
+    assert [n.model_channels for n in nets] == [64, 64] and [n.dropout for n in nets] == [0.0, 0.1]
+
+    # Generation encodes prompts with the encoders the checkpoints recorded.
+    (tmp_path / "p.txt").write_text("a small red circle\na big blue square\n")
+    gen = GenerateConfig(
+        prompts=str(tmp_path / "p.txt"),
+        out=str(tmp_path / "gen"),
+        model=done["manifest"],
+        sampler=SamplerConfig(steps=2),
+        batch_size=2,
+        num_cpus=0.5,
+        grid_images=0,
+        tracking=TrackingConfig(enabled=False),
+    )
+    assert run_generate(gen, progress=lambda *_: None)["images_total"] == 2
+    assert len(list(Path(tmp_path / "gen").rglob("*.png"))) == 2
