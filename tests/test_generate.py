@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from conftest import randomize
-from ediffi.checkpoint import save_checkpoint
+from ediffi.checkpoint import load_checkpoint, save_checkpoint
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi.ensemble import intervals_from_boundaries, load_ensemble, write_manifest
 from ediffi.pipeline import SamplerConfig, sample, to_uint8
 from ediffi.presets import build_denoiser, get_preset
 from ediffi_platform import faults
 from ediffi_platform.config import to_dict
-from ediffi_platform.generate import GenerateConfig, SRStageConfig, image_settings, run_generate
+from ediffi_platform.generate import GenerateConfig, SRStageConfig, image_settings, load_model, run_generate
 from ediffi_platform.prompts import PromptFileError, read_prompts
 from ediffi_platform.tracking import TrackingConfig
 
@@ -227,6 +227,25 @@ def job(ensemble, tmp_path_factory) -> GenerateConfig:
 def encoder() -> ConditioningEncoder:
     """The encoders the ensemble records (the tiny ones), for samples taken without Ray."""
     return ConditioningEncoder(EncoderConfig()).eval()
+
+
+def test_use_ema_picks_the_weights_of_a_checkpoint_or_of_each_expert(ensemble, tmp_path):
+    """use_ema chooses EMA or model weights for one checkpoint and for every expert of a manifest;
+    a checkpoint without EMA weights serves its model weights either way."""
+    weights = lambda D: [p.detach().clone() for p in D.parameters()]
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for ema in (True, False):
+        single = weights(load_model(str(ensemble / "e0"), ema, "cpu")[0])
+        experts = load_model(str(ensemble / "manifest.json"), ema, "cpu")[0].experts
+        for i, expert in enumerate(experts):
+            for want in (True, False):
+                ref = weights(load_checkpoint(str(ensemble / f"e{i}"), use_ema=want)[0])
+                assert same(weights(expert), ref) == (want == ema), (i, ema, want)
+                if i == 0:
+                    assert same(single, ref) == (want == ema), (ema, want)
+    D = randomize(build_denoiser(get_preset("tiny")), seed=3)
+    path = save_checkpoint(tmp_path / "no_ema", get_preset("tiny"), D)
+    assert same(weights(load_model(str(path), True, "cpu")[0]), weights(D))
 
 
 def _cfg(job: GenerateConfig, tmp_path, prompts, **kw) -> GenerateConfig:
