@@ -1,10 +1,11 @@
 """Embedding precompute throughput: the Ray Data pipeline vs a plain single-process loop.
 
     python benchmarks/bench_precompute.py --rows 2000
+    python benchmarks/bench_precompute.py --rows 256 --ray --t5 v1_1-small --clip ViT-B-32   # real sizes, plain loop
 
-Both do the same work on the same synthetic shards: decode + resize, T5 + CLIP text + CLIP image
-encoding, Parquet write. Prints rows/s for the plain loop and for Ray at 1 and 2 actors (target:
-Ray at 1 actor >= 90% of the plain loop). Ray's time is measured from job start to manifest
+Both do the same work on the same synthetic shards: decode, the training view and CLIP's view of
+each source image, T5 + CLIP text + CLIP image encoding, Parquet write. Prints rows/s for the plain
+loop and for Ray at 1 and 2 actors (target: Ray at 1 actor >= 90% of the plain loop). Ray's time is measured from job start to manifest
 (cluster start excluded), and again from the moment the actors' encoders are loaded.
 """
 
@@ -21,15 +22,17 @@ import pyarrow.parquet as pq
 import torch
 
 from ediffi.conditioning import cond_to_numpy
-from ediffi.encoders import ConditioningEncoder
-from ediffi_platform.ingest import InputConfig, decode_image, list_shards
+from ediffi.encoders import ConditioningEncoder, EncoderConfig, write_t5_v11
+from ediffi_platform.ingest import InputConfig, clip_view, list_shards, open_image, square
 from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 from ediffi_platform.shards import ShardMeta, build_table
 from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
 
+T5_SMALL = "v1_1-small"  # T5 v1.1-small's shape: d_model 512, 8 layers, 6 heads of 64
 
-def plain_loop(cfg: PrecomputeConfig, out: str) -> int:
-    """Single process, no Ray: read, decode, encode, write — shard by shard."""
+
+def plain_loop(cfg: PrecomputeConfig, out: str) -> tuple[int, int]:
+    """Single process, no Ray: read, decode, encode, write — shard by shard. (rows, bytes written)"""
     enc = ConditioningEncoder(cfg.encoders)
     meta = ShardMeta(enc.spec, cfg.image.resolution, cfg.storage_dtype)
     os.makedirs(out, exist_ok=True)
@@ -39,19 +42,20 @@ def plain_loop(cfg: PrecomputeConfig, out: str) -> int:
         keys, caps, blobs = (table.column(c).to_pylist() for c in ("key", "caption", "jpg"))
         parts = []
         for i in range(0, len(keys), cfg.batch_size):
-            imgs = [decode_image(b, cfg.image)[0] for b in blobs[i : i + cfg.batch_size]]
-            images = np.stack(imgs)
-            cond, _ = enc.encode(caps[i : i + cfg.batch_size], torch.from_numpy(images).permute(0, 3, 1, 2))
+            decoded = [open_image(b, cfg.image)[0] for b in blobs[i : i + cfg.batch_size]]
+            images = np.stack([square(img, cfg.image.resolution) for img in decoded])
+            views = np.stack([clip_view(img, enc.image_size) for img in decoded])  # CLIP sees the source image
+            cond, _ = enc.encode(caps[i : i + cfg.batch_size], torch.from_numpy(views).permute(0, 3, 1, 2))
+            n += len(decoded)
             cols = {
                 "key": keys[i : i + cfg.batch_size],
                 "caption": caps[i : i + cfg.batch_size],
                 "image": images,
             }
             parts.append(build_table(meta, {**cols, **cond_to_numpy(cond, cfg.storage_dtype)}))
-            n += len(imgs)
         for j, t in enumerate(parts):
             pq.write_table(t, f"{out}/{os.path.basename(path)}-{j}.parquet")
-    return n
+    return n, sum(os.path.getsize(f"{out}/{f}") for f in os.listdir(out))
 
 
 def main() -> None:
@@ -59,21 +63,32 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--ray", nargs="+", default=["1x2", "1x1", "2x1"], help="Ray runs as ACTORSxTHREADS")
+    p.add_argument(
+        "--ray", nargs="*", default=["1x2", "1x1", "2x1"], help="Ray runs as ACTORSxTHREADS (none: plain loop only)"
+    )
+    p.add_argument("--t5", default="tiny", help=f"tiny, a local T5 folder, or {T5_SMALL} (random init, built here)")
+    p.add_argument("--clip", default="tiny", help="tiny or an open_clip model name (random init, e.g. ViT-B-32)")
     a = p.parse_args()
     import ray
 
     tmp = tempfile.mkdtemp()
     write_synthetic(SyntheticConfig(output=f"{tmp}/in", rows=a.rows, shards=a.shards))
-    base = PrecomputeConfig(input=InputConfig(path=f"{tmp}/in"), batch_size=a.batch_size)
+    t5 = a.t5
+    if t5 == T5_SMALL:
+        captions = pq.read_table(f"{tmp}/in", columns=["caption"]).column("caption").to_pylist()
+        t5 = str(write_t5_v11(f"{tmp}/t5", captions, d_model=512, layers=8, heads=6, d_kv=64))
+    encoders = EncoderConfig(t5=t5, clip=a.clip)
+    base = PrecomputeConfig(input=InputConfig(path=f"{tmp}/in"), batch_size=a.batch_size, encoders=encoders)
     print(
         f"{a.rows} rows in {a.shards} shards, batch {a.batch_size}, {os.cpu_count()} CPUs, torch threads "
-        f"{torch.get_num_threads()}"
+        f"{torch.get_num_threads()}, encoders t5={a.t5} clip={a.clip}"
     )
     t = time.perf_counter()
-    n = plain_loop(base, f"{tmp}/plain")
+    n, nbytes = plain_loop(base, f"{tmp}/plain")
     plain = n / (time.perf_counter() - t)
-    print(f"plain single-process loop: {plain:.1f} rows/s")
+    print(f"plain single-process loop: {plain:.1f} rows/s, {1000 / plain:.1f} ms and {nbytes / n / 1024:.1f} KiB a row")
+    if not a.ray:
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     # Warm-up (not counted): starts Ray's worker processes once, as on a long-running cluster.

@@ -8,6 +8,9 @@ and the demo never download anything; the same seed gives the same encoder in ev
 
 from __future__ import annotations
 
+import functools
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,14 +70,83 @@ def _tiny_t5() -> tuple[nn.Module, object]:
     return T5EncoderModel(cfg), tok
 
 
+def write_t5_v11(
+    folder, texts: list[str], d_model: int = 64, layers: int = 2, heads: int = 4, d_kv: int = 16, seed: int = 0
+) -> Path:
+    """A T5 v1.1-style encoder (gated-GELU feed-forward, random init) of width `d_model` (v1.1-small:
+    d_model 512, layers 8, heads 6, d_kv 64), with a
+    Unigram tokenizer (T5's own kind, a sentencepiece Unigram) trained on `texts`, saved to `folder`
+    as `save_pretrained` writes them: the layout of a downloaded google/t5-v1_1-* or Flan-T5 folder,
+    for trying the real-encoder path (`encoders.t5=FOLDER`) with no download."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=256, special_tokens=specials, unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    cfg = T5Config(
+        vocab_size=fast.vocab_size,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",  # v1.1 / Flan; the original T5 is "relu"
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        T5EncoderModel(cfg).save_pretrained(folder)
+    return Path(folder)
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a TCP connection; False in offline mode."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_hub(load, name_or_path: str, what: str, **kw):
+    """`load(name_or_path)` (a transformers `from_pretrained`) of a local folder or a hub id. A hub
+    id is read from the local cache when the hub cannot be reached, so a machine without network
+    fails at once, with what to do, instead of after the hub client's retries."""
+    local = Path(name_or_path).expanduser().is_dir()
+    if not local and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1):
+        raise ValueError(f"cannot load {what} {name_or_path!r}: no such folder (a hub id is ORG/NAME)")
+    offline = not local and not hub_reachable()
+    try:
+        return load(name_or_path, local_files_only=offline, **kw)
+    except (OSError, ValueError) as e:
+        if offline:
+            raise ValueError(
+                f"cannot load {what} {name_or_path!r}: it is not a local folder, the Hugging Face hub cannot be "
+                f"reached from here and it is not in the local cache; download it where the hub is reachable "
+                f"(e.g. `hf download {name_or_path} --local-dir DIR`) and pass the folder's path"
+            ) from None
+        raise ValueError(f"cannot load {what} {name_or_path!r}: {e}") from None
+
+
 def _real_t5(name_or_path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoTokenizer, T5EncoderModel
 
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = T5EncoderModel.from_pretrained(name_or_path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load T5 encoder {name_or_path!r}: {e}") from None
+    tok = from_hub(AutoTokenizer.from_pretrained, name_or_path, "the T5 tokenizer of")
+    model = from_hub(T5EncoderModel.from_pretrained, name_or_path, "T5 encoder", dtype=dtype)
     return model, tok
 
 
@@ -112,11 +184,16 @@ def load_tokenizers(cfg: EncoderConfig, spec: CondSpec) -> Tokenizers:
     else:
         from transformers import AutoTokenizer
 
-        try:
-            t5 = AutoTokenizer.from_pretrained(cfg.t5)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load the T5 tokenizer of {cfg.t5!r}: {e}") from None
+        t5 = from_hub(AutoTokenizer.from_pretrained, cfg.t5, "the T5 tokenizer of")
     return Tokenizers(t5, open_clip.get_tokenizer(TINY_CLIP if cfg.clip == TINY else cfg.clip), spec)
+
+
+def clip_image_size(cfg: EncoderConfig) -> int:
+    """The side of the CLIP model's input images, from its open_clip config without building it
+    (224, open_clip's default, for a model it knows only by building it)."""
+    clip = open_clip.get_model_config(TINY_CLIP if cfg.clip == TINY else cfg.clip)
+    size = (clip or {}).get("vision_cfg", {}).get("image_size", 224)
+    return size if isinstance(size, int) else size[0]
 
 
 def encoder_spec(cfg: EncoderConfig) -> CondSpec | None:
@@ -127,10 +204,9 @@ def encoder_spec(cfg: EncoderConfig) -> CondSpec | None:
     else:
         from transformers import AutoConfig
 
-        try:
-            t5_dim = AutoConfig.from_pretrained(cfg.t5).d_model
-        except (OSError, ValueError, AttributeError) as e:
-            raise ValueError(f"cannot read the config of T5 encoder {cfg.t5!r}: {e}") from None
+        t5_dim = getattr(from_hub(AutoConfig.from_pretrained, cfg.t5, "the config of T5 encoder"), "d_model", None)
+        if t5_dim is None:
+            raise ValueError(f"T5 encoder {cfg.t5!r}: its config has no d_model (not a T5 model?)")
     clip = open_clip.get_model_config(TINY_CLIP if cfg.clip == TINY else cfg.clip)
     if clip is None:
         return None

@@ -153,35 +153,3 @@ def shared_emb(tmp_path_factory, ray_local):
     d = tmp_path_factory.mktemp("shared")
     embeddings(d, rows=SHARED_ROWS, resolution=32, encoders=EncoderConfig(seed=SHARED_SEED))
     return d
-
-
-def t5_v11_folder(folder, texts: list[str], d_model: int = 64):
-    """A T5 v1.1-style encoder (gated-GELU feed-forward, random init) and a Unigram tokenizer
-    trained on `texts` (T5's own tokenizer is a sentencepiece Unigram), saved to `folder` as
-    `save_pretrained` writes them: the layout of a downloaded google/t5-v1_1-* or Flan-T5 folder."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
-    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=256, special_tokens=specials, unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(folder)
-    cfg = T5Config(
-        vocab_size=fast.vocab_size,
-        d_model=d_model,
-        d_kv=16,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",  # v1.1 / Flan; the original T5 is "relu"
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    torch.manual_seed(0)
-    T5EncoderModel(cfg).save_pretrained(folder)
-    return folder

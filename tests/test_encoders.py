@@ -53,7 +53,7 @@ def test_t5_loads_from_a_local_path(tmp_path, enc):
 
 
 def test_bad_encoder_settings_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="cannot load T5 encoder"):
+    with pytest.raises(ValueError, match=r"cannot load the T5 tokenizer of '.*missing': no such folder"):
         ConditioningEncoder(EncoderConfig(t5=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="CLIP checkpoint file"):
         ConditioningEncoder(EncoderConfig(clip="ViT-B-32", clip_pretrained=str(tmp_path / "nope.bin")))
@@ -77,3 +77,16 @@ def test_clip_loads_weights_from_a_local_safetensors_file(tmp_path, enc):
     c, _ = enc.encode(PROMPTS)
     torch.testing.assert_close(b.clip, a.clip)
     assert not torch.allclose(b.clip, c.clip)  # the file's weights, not the seed's
+
+
+def test_a_hub_id_without_the_hub_fails_at_once_saying_to_pass_a_local_path(monkeypatch):
+    """No network (the hub unreachable) and not in the local cache: an error that says what to do,
+    from the cache lookup alone (no request to the hub, so none of its client's retries)."""
+    import ediffi.encoders as encoders
+
+    monkeypatch.setattr(encoders, "hub_reachable", lambda: False)
+    want = r"'google/t5-v1_1-xxl': it is not a local folder, the Hugging Face hub cannot be reached.*pass the folder's path"
+    with pytest.raises(ValueError, match="the config of T5 encoder " + want):
+        encoders.encoder_spec(EncoderConfig(t5="google/t5-v1_1-xxl"))
+    with pytest.raises(ValueError, match="the T5 tokenizer of " + want):
+        encoders.ConditioningEncoder(EncoderConfig(t5="google/t5-v1_1-xxl"))

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
 from ediffi_platform.ingest import ImageFilter, InputConfig
-from ediffi_platform.precompute import PrecomputeConfig, run_precompute
+from ediffi_platform.precompute import Embedder, PrecomputeConfig, run_precompute
 from ediffi_platform.reader import EpochCache, iter_batches, iter_torch, ray_dataset, shard_files
 from ediffi_platform.shards import to_tensors
 from ediffi_platform.synthetic import LABELS, SyntheticConfig, write_synthetic
@@ -316,3 +317,42 @@ def test_killed_job_rerun_gives_every_row_once(tmp_path, ray_tmp):
     assert m["last_run"]["skipped_shards"] == done and m["last_run"]["rows"] == 80
     keys = _written_keys(tmp_path / "out")
     assert len(keys) == len(set(keys)) == 120 and m["totals"]["written"] == 120
+
+
+def test_the_image_embedding_is_of_the_source_image_whatever_the_training_resolution():
+    """CLIP sees the source image through its own preprocessing (open_clip's evaluation transform),
+    not the training image: the same rows at 16 and 32 px store the same image embedding, which is
+    not the embedding of the (upsampled) training image."""
+    import open_clip
+
+    from ediffi_platform.ingest import clip_view, decode_batch
+
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 80, 3), dtype=np.uint8)) for i in range(3)]
+    blobs = []
+    for p in photos:
+        buf = io.BytesIO()
+        p.save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    table = pa.table({"key": ["a", "b", "c"], "caption": ["x", "y", "z"], "jpg": blobs})
+    stored, training_views = {}, {}
+    threads = torch.get_num_threads()
+    try:
+        for R in (16, 32):
+            cfg = PrecomputeConfig(image=ImageFilter(resolution=R))
+            embedder = Embedder(cfg)
+            batch = decode_batch(table, InputConfig(), cfg.image, "s", cfg.clip_size())
+            out = embedder(batch)
+            stored[R] = out.column("clip_image").to_pylist()
+            training_views[R], cond = to_tensors(out, embedder.meta)
+    finally:
+        torch.set_num_threads(threads)
+    assert stored[16] == stored[32] and len(stored[16][0]) == 2 * embedder.encoder.spec.clip_embed_dim
+
+    enc = embedder.encoder
+    S = enc.image_size
+    own = open_clip.image_transform(S, is_train=False)  # resize, centre crop, to tensor, normalise
+    view = torch.from_numpy(clip_view(photos[0], S).copy()).permute(2, 0, 1)[None]
+    torch.testing.assert_close(enc.clip_pixels(view)[0], own(photos[0]), atol=1e-6, rtol=0)
+    from_training = enc.encode_images(((training_views[16] + 1) * 127.5).round().to(torch.uint8))
+    assert not torch.allclose(from_training.half().float(), cond.clip_image, atol=1e-3)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import embeddings, t5_v11_folder
+from conftest import embeddings
 from ediffi.checkpoint import load_checkpoint
 from ediffi.conditioning import CondSpec
-from ediffi.encoders import EncoderConfig
+from ediffi.encoders import EncoderConfig, write_t5_v11
 from ediffi.pipeline import SamplerConfig
 from ediffi.presets import PRESETS
 from ediffi_platform.config import load_config
@@ -31,7 +31,7 @@ def test_local_t5_folder_and_vit_b_32_precompute_train_finetune_and_generate(tmp
     src = tmp_path / "in"
     write_synthetic(SyntheticConfig(output=str(src), rows=24, shards=2))
     captions = pq.read_table(str(src), columns=["caption"]).column("caption").to_pylist()
-    enc = EncoderConfig(t5=str(t5_v11_folder(tmp_path / "t5", captions)), clip="ViT-B-32")
+    enc = EncoderConfig(t5=str(write_t5_v11(tmp_path / "t5", captions)), clip="ViT-B-32")
     embeddings(tmp_path, rows=24, resolution=32, encoders=enc)
     manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
     assert manifest["meta"]["spec"] == VIT_B_32.__dict__

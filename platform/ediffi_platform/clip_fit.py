@@ -20,7 +20,7 @@ from open_clip.loss import ClipLoss
 from safetensors.torch import save
 
 from ediffi.encoders import ConditioningEncoder, EncoderConfig
-from ediffi_platform.ingest import ImageFilter, InputConfig, decode_image, list_shards
+from ediffi_platform.ingest import ImageFilter, InputConfig, clip_view, list_shards, open_image
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem
 from ediffi_platform.text import clean_text
 
@@ -50,7 +50,7 @@ class ClipFitConfig:
 
 
 def read_pairs(cfg: ClipFitConfig, resolution: int) -> tuple[torch.Tensor, list[str], dict[str, int]]:
-    """Images (uint8 [N, 3, R, R]) and captions; undecodable or captionless rows skipped and counted."""
+    """CLIP views of the source images (uint8 [N, 3, R, R]) and captions; undecodable or captionless rows skipped and counted."""
     fs, _ = filesystem(cfg.input.path, cfg.storage)
     afs = arrow_filesystem(fs)
     images, captions, skipped = [], [], {}
@@ -59,12 +59,12 @@ def read_pairs(cfg: ClipFitConfig, resolution: int) -> tuple[torch.Tensor, list[
         table = pq.read_table(shard, filesystem=afs, columns=[cfg.input.image_column, cfg.input.caption_column])
         for data, text in zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True):
             text = clean_text(text or "")  # as training encodes it (text.py)
-            img, why = decode_image(data, filt)
+            img, why = open_image(data, filt)
             why = why or (None if text else "missing_caption")
             if why:
                 skipped[why] = skipped.get(why, 0) + 1
                 continue
-            images.append(img)
+            images.append(clip_view(img, resolution))  # what the precompute's CLIP sees
             captions.append(text)
             if len(captions) >= cfg.max_rows:
                 break

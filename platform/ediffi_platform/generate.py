@@ -32,6 +32,7 @@ from ediffi_platform import faults
 from ediffi_platform.actors import check_pool, pool_args, start_actor
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import JobFailed, from_dict, to_dict
+from ediffi_platform.ingest import ImageFilter, clip_view, open_image
 from ediffi_platform.prompts import MAX_IMAGES_PER_ROW, RANGES, PromptStats, Request, read_prompts, require_prompts
 from ediffi_platform.runs import fetch_model, is_ensemble_manifest, model_config, model_id, model_network, resolve_model
 from ediffi_platform.storage import StorageConfig, arrow_filesystem, filesystem, is_absolute, is_url, join, write_json
@@ -386,13 +387,14 @@ class ImageGenerator:
         pq.write_table(pa.table(meta), path, filesystem=arrow_filesystem(self.fs))
 
     def _image(self, uri: str) -> torch.Tensor:
-        """A reference image as uint8 [3, S, S] at the CLIP input size."""
-        from PIL import Image
-
+        """A reference image as CLIP sees it (ingest.clip_view, as the precompute gave it the training
+        images), uint8 [3, S, S]."""
         fs, p = filesystem(uri, self.cfg.storage)
         with fs.open(p, "rb") as f:
-            img = Image.open(f).convert("RGB").resize((self.encoder.image_size,) * 2, Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+            img, why = open_image(f.read(), ImageFilter(max_aspect=math.inf))
+        if img is None:
+            raise ValueError(f"style image {uri}: {why.replace('_', ' ')}")
+        return torch.from_numpy(clip_view(img, self.encoder.image_size).copy()).permute(2, 0, 1)
 
     def _masks(self, row: dict) -> dict:
         """The row's masks, with image files on object stores fetched as arrays."""

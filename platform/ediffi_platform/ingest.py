@@ -111,8 +111,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), mode="L")
 
 
-def decode_image(data: bytes | None, f: ImageFilter) -> tuple[np.ndarray | None, str | None]:
-    """RGB uint8 [R, R, 3] (shorter side resized, center-cropped), or (None, drop reason)."""
+def open_image(data: bytes | None, f: ImageFilter) -> tuple[Image.Image | None, str | None]:
+    """The RGB image at its own size (EXIF orientation applied, deep greyscale scaled to 8 bits,
+    transparency composited on white) if it passes the filters, or (None, drop reason)."""
     if not data:
         return None, "missing_image"
     try:
@@ -133,17 +134,40 @@ def decode_image(data: bytes | None, f: ImageFilter) -> tuple[np.ndarray | None,
         return None, "bad_aspect"
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
-    img = img.convert("RGB")
-    s = f.resolution / min(w, h)
-    nw, nh = max(f.resolution, round(w * s)), max(f.resolution, round(h * s))
+    return img.convert("RGB"), None
+
+
+def square(img: Image.Image, resolution: int) -> np.ndarray:
+    """The training view: shorter side resized to `resolution`, centre-cropped, uint8 [R, R, 3]."""
+    w, h = img.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
     img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - f.resolution) // 2, (nh - f.resolution) // 2
-    img = img.crop((left, top, left + f.resolution, top + f.resolution))
-    return np.asarray(img, dtype=np.uint8), None
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+
+
+def clip_view(img: Image.Image, size: int) -> np.ndarray:
+    """What CLIP sees of an RGB image: open_clip's evaluation preprocessing up to normalisation
+    (torchvision's Resize(size, bicubic) of the shorter side, then CenterCrop(size)), uint8
+    [size, size, 3]. Precompute gives it the source image, generation a style reference."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    other = int(size * long / short)  # Resize truncates the longer side
+    nw, nh = (size, other) if w <= h else (other, size)
+    img = img.convert("RGB").resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = round((nw - size) / 2.0), round((nh - size) / 2.0)
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def decode_image(data: bytes | None, f: ImageFilter) -> tuple[np.ndarray | None, str | None]:
+    """RGB uint8 [R, R, 3] (shorter side resized, center-cropped), or (None, drop reason)."""
+    img, why = open_image(data, f)
+    return (None, why) if img is None else (square(img, f.resolution), None)
 
 
 def read_and_decode(
-    batch: pa.Table, cfg: InputConfig, filt: ImageFilter, storage: StorageConfig, batch_size: int
+    batch: pa.Table, cfg: InputConfig, filt: ImageFilter, storage: StorageConfig, batch_size: int, clip_size: int = 0
 ) -> Iterator[pa.Table]:
     """Ray Data stage: for each input shard path, stream its rows in batches, decoded (one task per shard)."""
     fs, _ = filesystem(cfg.path, storage)
@@ -151,29 +175,29 @@ def read_and_decode(
     columns = [cfg.key_column, cfg.caption_column, cfg.image_column, *cfg.keep_columns]
     for path in batch.column("path").to_pylist():
         for rb in pq.ParquetFile(path, filesystem=afs).iter_batches(batch_size=batch_size, columns=columns):
-            yield decode_batch(pa.Table.from_batches([rb]), cfg, filt, shard_name(path))
+            yield decode_batch(pa.Table.from_batches([rb]), cfg, filt, shard_name(path), clip_size)
 
 
-def decode_batch(table: pa.Table, cfg: InputConfig, filt: ImageFilter, shard: str) -> pa.Table:
+def decode_batch(table: pa.Table, cfg: InputConfig, filt: ImageFilter, shard: str, clip_size: int = 0) -> pa.Table:
     """Decode a batch of one shard; every input row comes out, dropped ones with a reason, captions
-    normalised (text.clean_text; `normalized` marks those it changed) before the empty check."""
+    normalised (text.clean_text; `normalized` marks those it changed) before the empty check. With a
+    `clip_size`, the `clip_view` column holds what CLIP sees of the source image (encoders.clip_view)."""
     keys = table.column(cfg.key_column).to_pylist()
     raw = table.column(cfg.caption_column).to_pylist()
     captions = [clean_text(c or "") for c in raw]
     blobs = table.column(cfg.image_column).to_pylist()
-    images, reasons = [], []
+    images, views, reasons = [], [], []
     for cap, blob in zip(captions, blobs, strict=True):
-        if not cap:
-            img, why = None, "empty_caption"
-        else:
-            img, why = decode_image(blob, filt)
-        images.append(None if img is None else img.tobytes())
+        img, why = (None, "empty_caption") if not cap else open_image(blob, filt)
+        images.append(None if img is None else square(img, filt.resolution).tobytes())
+        views.append(None if img is None or not clip_size else clip_view(img, clip_size).tobytes())
         reasons.append(why or "")
     out = {
         "key": pa.array(keys, pa.string()),
         "caption": pa.array(captions, pa.string()),
         "normalized": pa.array([was_cleaned(r or "", c) for r, c in zip(raw, captions, strict=True)], pa.bool_()),
         "image": pa.array(images, pa.large_binary()),
+        **({"clip_view": pa.array(views, pa.large_binary())} if clip_size else {}),
         "drop_reason": pa.array(reasons, pa.string()),
         "shard": pa.array([shard] * table.num_rows, pa.string()),
     }

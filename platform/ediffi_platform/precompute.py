@@ -1,8 +1,8 @@
 """Ray Data: image-text Parquet shards -> embedding shards, resumable shard by shard.
 
-    read (Parquet, include_paths) -> decode (CPU tasks) -> Embedder (actor pool, encoders loaded
-    once) -> write parts (CPU tasks) -> driver: mark each input shard done once all its rows
-    are accounted for, then write the manifest.
+    read (Parquet, include_paths) -> decode (CPU tasks: the training image, and CLIP's view of the
+    source image) -> Embedder (actor pool, encoders loaded once) -> write parts (CPU tasks) ->
+    driver: mark each input shard done once all its rows are accounted for, then write the manifest.
 
 Output layout, per input shard `NAME.parquet`:
     {output}/NAME/part-<content hash>.parquet   embedding rows (see shards.py)
@@ -28,7 +28,7 @@ import ray
 import torch
 
 from ediffi.conditioning import cond_to_numpy
-from ediffi.encoders import ConditioningEncoder, EncoderConfig
+from ediffi.encoders import ConditioningEncoder, EncoderConfig, clip_image_size
 from ediffi_platform.actors import check_pool, pool_args, start_actor
 from ediffi_platform.config import to_dict
 from ediffi_platform.ingest import (
@@ -73,6 +73,10 @@ class PrecomputeConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
     ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
 
+    def clip_size(self) -> int:
+        """The side of the CLIP views decoded from the source images (0: no image embeddings)."""
+        return clip_image_size(self.encoders) if self.encode_images else 0
+
     def __post_init__(self) -> None:
         check_pool(self)
         if self.storage_dtype not in ("float16", "float32"):
@@ -87,6 +91,11 @@ class Embedder:
         self.device = start_actor(cfg)
         self.encoder = ConditioningEncoder(cfg.encoders).to(self.device)
         self.meta = ShardMeta(self.encoder.spec, cfg.image.resolution, cfg.storage_dtype)
+        if cfg.encode_images and self.encoder.image_size != cfg.clip_size():
+            raise ValueError(
+                f"CLIP model {cfg.encoders.clip!r} takes {self.encoder.image_size} px images, its config says "
+                f"{cfg.clip_size()} px"
+            )
         self.ready = time.time()  # encoders loaded: start-up ends here (for throughput figures)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -102,7 +111,7 @@ class Embedder:
             blobs = batch.column("image").take(idx).to_pylist()
             images = np.stack([np.frombuffer(b, np.uint8).reshape(R, R, 3) for b in blobs])
             prompts = columns["caption"].to_pylist()
-            pixels = torch.from_numpy(images).permute(0, 3, 1, 2) if self.cfg.encode_images else None
+            pixels = self._clip_views(batch.column("clip_view").take(idx)) if self.cfg.encode_images else None
             cond, stats = self.encoder.encode(prompts, pixels)
             columns.update(image=images, **cond_to_numpy(cond, self.cfg.storage_dtype))
             truncated = stats.truncated_rows
@@ -119,6 +128,12 @@ class Embedder:
         dropped = batch.filter(pa.array(~keep)).select(["key", "shard", "drop_reason"])
         packed = _pack(kept, dropped)
         return packed.append_column("ready", pa.array([self.ready] * packed.num_rows, pa.float64()))
+
+    def _clip_views(self, col: pa.ChunkedArray) -> torch.Tensor:
+        """The CLIP views of the source images (ingest.clip_view), uint8 [B, 3, S, S]."""
+        S = self.encoder.image_size
+        views = np.stack([np.frombuffer(b, np.uint8).reshape(S, S, 3) for b in col.to_pylist()])
+        return torch.from_numpy(views).permute(0, 3, 1, 2)
 
 
 def _pack(kept: pa.Table, dropped: pa.Table) -> pa.Table:
@@ -258,7 +273,10 @@ def _embeddings(cfg: PrecomputeConfig, pending: list[str]) -> ray.data.Dataset:
     ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
         read_and_decode,
-        fn_kwargs={"cfg": cfg.input, "filt": cfg.image, "storage": cfg.storage, "batch_size": cfg.batch_size},
+        fn_kwargs={
+            **{"cfg": cfg.input, "filt": cfg.image, "storage": cfg.storage, "batch_size": cfg.batch_size},
+            "clip_size": cfg.clip_size(),
+        },
         batch_format="pyarrow",
         batch_size=1,
     )
