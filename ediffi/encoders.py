@@ -14,10 +14,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from ediffi.conditioning import Cond, CondSpec
@@ -150,9 +148,15 @@ def _real_t5(name_or_path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     return model, tok
 
 
-# The tiny CLIP is an ordinary open_clip model config shipped with ediffi, so it is built and
-# loaded (e.g. clip="ediffi-tiny", clip_pretrained="weights.safetensors") like any real one.
-open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+@functools.cache
+def _open_clip():
+    """open_clip, imported on first use (seconds of imports a training worker never needs). The tiny
+    CLIP is an ordinary open_clip model config shipped with ediffi, registered here, so it is built
+    and loaded (e.g. clip="ediffi-tiny", clip_pretrained="weights.safetensors") like any real one."""
+    import open_clip
+
+    open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+    return open_clip
 TINY_CLIP = "ediffi-tiny"
 
 
@@ -160,7 +164,7 @@ def _clip(name: str, pretrained: str | None) -> nn.Module:
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
         raise ValueError(f"CLIP checkpoint file {pretrained!r} not found")
     try:
-        return open_clip.create_model(name, pretrained=pretrained)
+        return _open_clip().create_model(name, pretrained=pretrained)
     except (RuntimeError, ValueError, OSError) as e:
         raise ValueError(f"cannot build CLIP model {name!r} (pretrained={pretrained!r}): {e}") from None
 
@@ -185,13 +189,13 @@ def load_tokenizers(cfg: EncoderConfig, spec: CondSpec) -> Tokenizers:
         from transformers import AutoTokenizer
 
         t5 = from_hub(AutoTokenizer.from_pretrained, cfg.t5, "the T5 tokenizer of")
-    return Tokenizers(t5, open_clip.get_tokenizer(TINY_CLIP if cfg.clip == TINY else cfg.clip), spec)
+    return Tokenizers(t5, _open_clip().get_tokenizer(TINY_CLIP if cfg.clip == TINY else cfg.clip), spec)
 
 
 def clip_image_size(cfg: EncoderConfig) -> int:
     """The side of the CLIP model's input images, from its open_clip config without building it
     (224, open_clip's default, for a model it knows only by building it)."""
-    clip = open_clip.get_model_config(TINY_CLIP if cfg.clip == TINY else cfg.clip)
+    clip = _open_clip().get_model_config(TINY_CLIP if cfg.clip == TINY else cfg.clip)
     size = (clip or {}).get("vision_cfg", {}).get("image_size", 224)
     return size if isinstance(size, int) else size[0]
 
@@ -207,7 +211,7 @@ def encoder_spec(cfg: EncoderConfig) -> CondSpec | None:
         t5_dim = getattr(from_hub(AutoConfig.from_pretrained, cfg.t5, "the config of T5 encoder"), "d_model", None)
         if t5_dim is None:
             raise ValueError(f"T5 encoder {cfg.t5!r}: its config has no d_model (not a T5 model?)")
-    clip = open_clip.get_model_config(TINY_CLIP if cfg.clip == TINY else cfg.clip)
+    clip = _open_clip().get_model_config(TINY_CLIP if cfg.clip == TINY else cfg.clip)
     if clip is None:
         return None
     text = clip.get("text_cfg", {})
@@ -232,7 +236,7 @@ class ConditioningEncoder(nn.Module):
             self.t5, self.t5_tokenizer = _tiny_t5() if cfg.t5 == TINY else _real_t5(cfg.t5, dtype)
             clip_name = TINY_CLIP if cfg.clip == TINY else cfg.clip
             self.clip = _clip(clip_name, cfg.clip_pretrained)
-        self.clip_tokenizer = open_clip.get_tokenizer(clip_name)
+        self.clip_tokenizer = _open_clip().get_tokenizer(clip_name)
         if not hasattr(self.clip_tokenizer, "encode"):
             raise ValueError(f"CLIP model {cfg.clip!r}: only BPE-tokenized CLIP models are supported")
         self.t5.to(dtype).eval().requires_grad_(False)
@@ -299,8 +303,8 @@ class ConditioningEncoder(nn.Module):
             antialias=True,
             align_corners=False,
         ).clamp(0, 1)
-        mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device).reshape(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_DATASET_STD, device=x.device).reshape(1, 3, 1, 1)
+        mean = torch.tensor(_open_clip().OPENAI_DATASET_MEAN, device=x.device).reshape(1, 3, 1, 1)
+        std = torch.tensor(_open_clip().OPENAI_DATASET_STD, device=x.device).reshape(1, 3, 1, 1)
         return ((x - mean) / std).to(self.clip.token_embedding.weight.dtype)
 
     @torch.no_grad()

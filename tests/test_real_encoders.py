@@ -1,13 +1,18 @@
 """Real encoder architectures offline: a T5 v1.1-style encoder saved to a local folder (d_model 64)
 and open_clip's ViT-B-32 by its own name (random init), through precompute, training with a preset
-whose conditioning shapes come from the data, expert fine-tuning and generation."""
+whose conditioning shapes come from the data, training streamed from the image-text shards (rows
+equal to the precomputed ones, dropped inputs counted, resumed), expert fine-tuning and generation."""
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 
 from conftest import embeddings
 from ediffi.checkpoint import load_checkpoint
@@ -18,6 +23,10 @@ from ediffi.presets import PRESETS
 from ediffi_platform.config import load_config
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
 from ediffi_platform.generate import GenerateConfig, run_generate
+from ediffi_platform.ingest import InputConfig
+from ediffi_platform.precompute import PrecomputeConfig, stream_dataset
+from ediffi_platform.reader import EpochCache, ray_dataset
+from ediffi_platform.runs import training_state
 from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
 from ediffi_platform.tracking import TrackingConfig
 from ediffi_platform.train import TrainConfig, run_training, validate_training
@@ -25,16 +34,38 @@ from ediffi_platform.train import TrainConfig, run_training, validate_training
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 VIT_B_32 = CondSpec(t5_len=128, t5_dim=64, clip_len=77, clip_dim=512, clip_embed_dim=512)
+DROPPED = {"decode_error": 1, "empty_caption": 1}
+
+
+def _bad_shard(path):
+    """A shard of a corrupt image and an empty caption: both dropped, each with its reason."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buf, format="PNG")
+    bad = {"key": ["bad0", "bad1"], "caption": ["a red circle", ""], "jpg": [b"not an image", buf.getvalue()]}
+    pq.write_table(pa.table(bad), path)
 
 
 def test_local_t5_folder_and_vit_b_32_precompute_train_finetune_and_generate(tmp_path):
     src = tmp_path / "in"
     write_synthetic(SyntheticConfig(output=str(src), rows=24, shards=2))
     captions = pq.read_table(str(src), columns=["caption"]).column("caption").to_pylist()
+    _bad_shard(src / "bad.parquet")
     enc = EncoderConfig(t5=str(write_t5_v11(tmp_path / "t5", captions)), clip="ViT-B-32")
     embeddings(tmp_path, rows=24, resolution=32, encoders=enc)
     manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
     assert manifest["meta"]["spec"] == VIT_B_32.__dict__
+
+    # The rows a stream of the same shards makes, held and sorted by key as a worker's epoch cache
+    # holds them, are the precomputed rows bit for bit (one Embedder, one storage dtype).
+    pre = PrecomputeConfig(input=InputConfig(path=str(src)), encoders=enc, batch_size=16)
+    epochs = {}
+    for name, (ds, meta) in {"stream": stream_dataset(pre), "stored": ray_dataset(str(tmp_path / "emb"))}.items():
+        cache = EpochCache(512)
+        epochs[name] = (list(cache.batches(ds, meta, 8, seed=3)), meta, cache.dropped)
+    (streamed, meta_s, dropped), (stored, meta_p, _) = epochs["stream"], epochs["stored"]
+    assert meta_s == meta_p and dropped == DROPPED and sum(len(x) for x, _ in streamed) == 24
+    for (x_s, c_s), (x_p, c_p) in zip(streamed, stored, strict=True):
+        assert torch.equal(x_s, x_p) and all(torch.equal(getattr(c_s, k), v) for k, v in c_p.tensors().items())
 
     # preset=demo and nothing else about shapes: they come from the data; model.* changes the network.
     off = "tracking.enabled=false"
@@ -44,9 +75,32 @@ def test_local_t5_folder_and_vit_b_32_precompute_train_finetune_and_generate(tmp
     D, meta = load_checkpoint(run_training(cfg, progress=lambda *_: None)["checkpoint"])
     assert D.net.cfg == replace(PRESETS["demo"], cond=VIT_B_32)
     assert meta["encoders"]["t5"] == enc.t5 and meta["encoders"]["clip"] == "ViT-B-32"
-    small = load_config(TrainConfig, None, [*common, "steps=1", "model.model_channels=32", f"output={tmp_path / 's'}"])
-    D, _ = load_checkpoint(run_training(small, progress=lambda *_: None)["checkpoint"])
+
+    # Streamed from the image-text shards (cache_mb=0: every epoch read, decoded and encoded anew),
+    # with model.model_channels=32: stopped at step 4, re-run to step 10, it goes on from step 4.
+    streamed = [
+        *common[1:],
+        f"stream.input.path={src}",
+        f"stream.encoders.t5={enc.t5}",
+        "stream.encoders.clip=ViT-B-32",
+    ]
+    streamed += ["stream.batch_size=16", "stream.num_cpus=0.25", "stream.decode_cpus=0.5", "cache_mb=0"]
+    streamed += ["model.model_channels=32", "checkpoint_every=2", f"output={tmp_path / 's'}"]
+    logs = []
+    first = run_training(load_config(TrainConfig, None, [*streamed, "steps=4"]), progress=logs.append)
+    assert first["step"] == 4 and training_state(first["checkpoint"])["batches_into_epoch"] == 4
+    again = run_training(load_config(TrainConfig, None, [*streamed, "steps=10"]), progress=logs.append)
+    assert any("resuming from" in m and "(step 4)" in m for m in logs)
+    # 24 rows in batches of 4: 6 batches a pass, or 7 when the two dropped rows split a batch.
+    state = training_state(again["checkpoint"])
+    assert state["step"] == 10 and (state["epoch"], state["batches_into_epoch"]) in {(1, 4), (1, 3)}
+    # The re-run read all of epoch 0 (the batches it skips are read too) and most of epoch 1.
+    read, dropped = again["stream"]["read"], again["stream"]["dropped"]
+    assert dropped.keys() == DROPPED.keys() and read >= 26 + 12
+    assert any(f"the stream read {read} image-text rows, dropped {sum(dropped.values())} (" in m for m in logs)
+    D, ckpt = load_checkpoint(again["checkpoint"])
     assert D.net.cfg == replace(PRESETS["demo"], model_channels=32, cond=VIT_B_32)
+    assert ckpt["encoders"]["t5"] == enc.t5 and ckpt["encoders"]["clip"] == "ViT-B-32"
 
     # Explicit shapes that disagree with the data are an error naming both.
     with pytest.raises(ValueError, match="shards have t5_dim=64, the model expects t5_dim=32"):

@@ -28,7 +28,7 @@ import ray
 import torch
 
 from ediffi.conditioning import cond_to_numpy
-from ediffi.encoders import ConditioningEncoder, EncoderConfig, clip_image_size
+from ediffi.encoders import ConditioningEncoder, EncoderConfig, clip_image_size, encoder_spec
 from ediffi_platform.actors import check_pool, pool_args, start_actor
 from ediffi_platform.config import to_dict
 from ediffi_platform.ingest import (
@@ -69,6 +69,7 @@ class PrecomputeConfig:
     concurrency: int = 1  # embedding actors
     num_gpus: float = 0.0  # GPUs per embedding actor (0 on CPU machines)
     num_cpus: float = 0.5  # CPUs per embedding actor (fractional keeps small clusters from stalling)
+    decode_cpus: float = 1.0  # CPUs per read-and-decode task (one per input shard at a time)
     threads_per_actor: int = 0  # torch CPU threads per actor; 0 = its CPU share rounded up
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
     ray_address: str | None = None  # Ray cluster address; unset = RAY_ADDRESS or a local cluster
@@ -79,6 +80,8 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         check_pool(self)
+        if not self.decode_cpus > 0:
+            raise ValueError(f"decode_cpus must be > 0, got {self.decode_cpus}")
         if self.storage_dtype not in ("float16", "float32"):
             raise ValueError(f"storage_dtype must be float16 or float32, got {self.storage_dtype!r}")
 
@@ -267,10 +270,10 @@ def run_precompute(cfg: PrecomputeConfig, progress=print) -> dict:
     return _write_embeddings_manifest(fs, root, cfg, sorted(expected), run, progress)
 
 
-def _embeddings(cfg: PrecomputeConfig, pending: list[str]) -> ray.data.Dataset:
-    """read_and_decode (a task per input shard, streaming decoded batches) -> Embedder actors -> write_parts:
-    one stats row per shard and written part."""
-    ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
+def encoded_rows(cfg: PrecomputeConfig, paths: list[str]) -> ray.data.Dataset:
+    """read_and_decode (a task per input shard, streaming decoded batches) -> Embedder actors: the
+    embedding rows of the shards, each input's dropped rows among them with their reason."""
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     ds = ds.map_batches(
         read_and_decode,
         fn_kwargs={
@@ -279,15 +282,41 @@ def _embeddings(cfg: PrecomputeConfig, pending: list[str]) -> ray.data.Dataset:
         },
         batch_format="pyarrow",
         batch_size=1,
+        num_cpus=cfg.decode_cpus,
     )
-    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", **pool_args(cfg))
-    return ds.map_batches(
+    return ds.map_batches(Embedder, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", **pool_args(cfg))
+
+
+def _embeddings(cfg: PrecomputeConfig, pending: list[str]) -> ray.data.Dataset:
+    """encoded_rows -> write_parts: one stats row per shard and written part."""
+    return encoded_rows(cfg, pending).map_batches(
         write_parts,
         fn_kwargs={"output": cfg.output, "storage": cfg.storage},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=0.25,
     )
+
+
+def stream_meta(cfg: PrecomputeConfig) -> ShardMeta:
+    """The layout of the rows `encoded_rows` makes, from the encoders' configs (no encoder is built)."""
+    spec = encoder_spec(cfg.encoders)
+    if spec is None:
+        raise ValueError(
+            f"CLIP model {cfg.encoders.clip!r}: its shapes are known only by building it; precompute the "
+            f"embeddings (jobs/precompute_embeddings.py) and train on those"
+        )
+    return ShardMeta(spec, cfg.image.resolution, cfg.storage_dtype)
+
+
+def stream_dataset(cfg: PrecomputeConfig) -> tuple[ray.data.Dataset, ShardMeta]:
+    """Image-text shards encoded on the fly, for Ray Train's streaming split (nothing is written),
+    and the rows' layout; the shards' schemas are checked first."""
+    paths = list_shards(cfg.input.path, cfg.storage)
+    for p in paths:
+        check_schema(p, cfg.input, cfg.storage)
+    meta = stream_meta(cfg)
+    return encoded_rows(cfg, paths).select_columns(["key", "caption", *meta.layout_columns(), "drop_reason"]), meta
 
 
 def _check_output_compatible(fs, root: str, cfg: PrecomputeConfig) -> None:

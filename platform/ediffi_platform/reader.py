@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
@@ -140,6 +141,8 @@ class EpochCache:
         self.agree = agree
         self.data: tuple[torch.Tensor, Cond] | None = None
         self.streaming = self.max_bytes <= 0  # decided: the shard is not held in memory
+        self.rows_read = 0  # rows read over every pass (image-text rows, when streamed)
+        self.dropped: Counter[str] = Counter()  # of them, streamed inputs ingest dropped, by reason
 
     def batches(
         self,
@@ -153,7 +156,7 @@ class EpochCache:
         or, for a shard that does not fit, the stream."""
         stream = None
         if not self.streaming and self.data is None:
-            stream = _tables(it, batch_size, shuffle_buffer, seed)
+            stream = self._kept(_tables(it, batch_size, shuffle_buffer, seed))
             read, complete = self._read(stream, meta)
             if self.agree(complete and bool(read)):  # the whole shard fits, on every worker
                 self.data = _sorted_by_key(read)
@@ -161,7 +164,7 @@ class EpochCache:
                 self.streaming = True
                 yield from (batch for _, *batch in read)
         if self.streaming:
-            stream = stream if stream is not None else _tables(it, batch_size, shuffle_buffer, seed)
+            stream = stream if stream is not None else self._kept(_tables(it, batch_size, shuffle_buffer, seed))
             yield from (to_tensors(table, meta) for table in stream)
             return
         images, cond = self.data
@@ -169,6 +172,18 @@ class EpochCache:
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             yield images[idx], cond[idx]
+
+    def _kept(self, stream: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        """The rows to train on: rows encoded on the fly (ediffi_platform.precompute.stream_dataset)
+        include the inputs ingest dropped, with their reason, which are counted here and left out."""
+        for table in stream:
+            self.rows_read += table.num_rows
+            if "drop_reason" in table.column_names:
+                reasons = table.column("drop_reason")
+                self.dropped.update(r for r in reasons.to_pylist() if r)
+                table = table.filter(pc.equal(reasons, "")).drop_columns(["drop_reason"])
+            if table.num_rows:
+                yield table
 
     def _read(self, stream: Iterator[pa.Table], meta: ShardMeta) -> tuple[list, bool]:
         """(key column, images, Cond) of the stream's batches until it ends (True) or they outgrow the

@@ -57,6 +57,10 @@ class ShardMeta:
             out[name], out[mask] = (shapes[name], emb), (shapes[mask], np.dtype(np.bool_))
         return out
 
+    def layout_columns(self) -> list[str]:
+        """The tensor columns a shard stores (masks are not columns: they follow from the lengths)."""
+        return [*FIXED, *SEQUENCES]
+
     def sequence(self, name: str) -> tuple[int, tuple[int, ...]]:
         """A sequence field's most vectors per row and the shape of one vector."""
         shape = self.spec.shapes()[name]

@@ -13,6 +13,7 @@ import itertools
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -50,6 +51,8 @@ from ediffi.training import step_seed, train_step
 from ediffi.unet import UNetConfig
 from ediffi_platform import faults
 from ediffi_platform.config import from_dict, to_dict
+from ediffi_platform.ingest import DROP_REASONS, check_schema, list_shards
+from ediffi_platform.precompute import PrecomputeConfig, stream_dataset, stream_meta
 from ediffi_platform.reader import EpochCache, ray_dataset, shard_files
 from ediffi_platform.runs import data_encoders, is_checkpoint, latest_checkpoint, training_state
 from ediffi_platform.shards import ShardMeta, check_shards_fit
@@ -84,7 +87,8 @@ class OptimConfig:
 class TrainConfig:
     """The base (or expert) training job."""
 
-    data: str = "data/embeddings"  # embedding shards from jobs/precompute_embeddings.py
+    data: str = "data/embeddings"  # embedding shards from jobs/precompute_embeddings.py (unused with stream)
+    stream: PrecomputeConfig | None = None  # encode image-text shards on the fly instead (precompute's keys)
     preset: str = "demo"  # network preset (ediffi.presets.PRESETS)
     model: dict = field(
         default_factory=dict
@@ -205,9 +209,11 @@ class _Window:
     sigma_min: float = math.inf
     sigma_max: float = -math.inf
     buckets: dict[str, tuple[float, int]] = field(default_factory=dict)  # per noise level: (sum, count)
+    data_s: float = 0.0  # time spent waiting for the data (reading, decoding, encoding when streaming)
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, res, images: int) -> None:
+    def add(self, res, images: int, waited: float = 0.0) -> None:
+        self.data_s += waited
         self.loss += res.loss.item()
         self.steps += 1
         self.images += images
@@ -222,6 +228,7 @@ class _Window:
     def metrics(self, net_cfg: UNetConfig) -> dict:
         dt = time.perf_counter() - self.t0
         out = {"loss": self.loss / self.steps, "images_per_s": self.images / dt, "step_time_s": dt / self.steps}
+        out["data_wait_frac"] = self.data_s / dt
         out.update({k: s / n for k, (s, n) in self.buckets.items()})
         out.update({"sigma/min": self.sigma_min, "sigma/max": self.sigma_max})
         if torch.cuda.is_available():
@@ -258,10 +265,10 @@ def train_loop_per_worker(config: dict) -> dict:
     gen = torch.Generator(device=device)  # re-seeded every step: a resumed run draws what the uninterrupted one did
     window, pending = _Window(), []
     while state.step < cfg.steps:
-        for micro in _optimizer_steps(cfg, cache, shard, config["meta"], state, device):
+        for waited, micro in _waited(_optimizer_steps(cfg, cache, shard, config["meta"], state, device)):
             res = _step(cfg, m, micro, step=state.step, rank=rank, generator=gen, dtype=dtype)
             state.step += 1
-            window.add(res, cfg.batch_size * cfg.optim.grad_accum * world)
+            window.add(res, cfg.batch_size * cfg.optim.grad_accum * world, waited)
             if state.step == config.get("fail_at_step") and rank == world - 1:
                 faults.die_once(config["fail_marker"], cfg.storage)  # testing only (EDIFFI_TEST_FAULTS)
             last = state.step == cfg.steps
@@ -283,9 +290,16 @@ def train_loop_per_worker(config: dict) -> dict:
                     pending.clear()
             if last:
                 break
+    stream = _stream_counts(cache, device, world) if cfg.stream else None
     if tracker:
+        if stream:
+            counts = {
+                "data/rows_read": stream["read"],
+                **{f"data/dropped_{r}": n for r, n in stream["dropped"].items()},
+            }
+            tracker.metrics(counts, state.step)
         tracker.finish()
-    return {"step": state.step, "mlflow_run_id": state.mlflow_run_id}
+    return {"step": state.step, "mlflow_run_id": state.mlflow_run_id, "stream": stream}
 
 
 def _restore(cfg: TrainConfig, D: EDMPrecond, config: dict) -> tuple[TrainState, dict | None, dict | None]:
@@ -343,6 +357,17 @@ def _distribute(cfg, D, device, state: TrainState, ema_weights: dict | None, opt
     return _Model(D.net.cfg, D, wrapped, ema, opt)
 
 
+def _waited(items: Iterator) -> Iterator[tuple[float, object]]:
+    """Each item with the seconds spent waiting for it."""
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        yield time.perf_counter() - t, item
+
+
 def _optimizer_steps(cfg: TrainConfig, cache: EpochCache, shard, meta: dict, state: TrainState, device):
     """The rest of the current epoch as optimiser steps (lists of grad_accum micro-batches), from
     where `state` says training is; the epoch run to its end moves `state` to the next one."""
@@ -397,6 +422,16 @@ def _all_workers(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def _stream_counts(cache: EpochCache, device: torch.device, world: int) -> dict:
+    """The image-text rows this run's stream read and, by reason, dropped (every pass counts),
+    summed over the workers (a collective when there are several)."""
+    counts = torch.tensor([cache.rows_read, *(cache.dropped[r] for r in DROP_REASONS)], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    read, *dropped = counts.tolist()
+    return {"read": int(read), "dropped": {r: int(n) for r, n in zip(DROP_REASONS, dropped, strict=True) if n}}
+
+
 def _checkpoint(cfg: TrainConfig, m: _Model, state: TrainState, metrics: dict, *, rank, tracker, batch, encoders):
     """Every rank gathers the full state (collectives under FSDP2) and calls report; rank 0 writes
     the checkpoint and logs a sample grid of `batch`'s conditions."""
@@ -438,11 +473,39 @@ def _sample_grid(net_cfg, ema_weights: dict, batch, n: int, lowres: int) -> np.n
 
 def validate_training(cfg: TrainConfig) -> ShardMeta:
     """The checks that need no worker: data present, shards' schema and resolution vs the model.
-    Returns the shards' layout metadata."""
-    _, meta = shard_files(cfg.data, cfg.storage)
+    Returns the rows' layout metadata (of the shards, or of the rows the stream will encode)."""
+    if cfg.stream is not None:
+        for p in list_shards(cfg.stream.input.path, cfg.storage):
+            check_schema(p, cfg.stream.input, cfg.storage)
+        meta, where = stream_meta(cfg.stream), cfg.stream.input.path
+    else:
+        meta, where = shard_files(cfg.data, cfg.storage)[1], cfg.data
     net_cfg = cfg.network(meta.spec)
-    check_shards_fit(meta, net_cfg.cond, net_cfg.img_resolution, cfg.data)
+    check_shards_fit(meta, net_cfg.cond, net_cfg.img_resolution, where)
     return meta
+
+
+def _check_stream_fits(cfg: TrainConfig, progress) -> None:
+    """Warn when the stream's decode task and encoder actors cannot run beside the training workers
+    on the CPUs the cluster has now: unless it scales up, the stream would never start."""
+    have = ray.cluster_resources().get("CPU", 0.0)
+    s = cfg.stream
+    need = cfg.num_workers * cfg.cpus_per_worker + s.concurrency * s.num_cpus + s.decode_cpus
+    if need > have + 1e-9:
+        progress(
+            f"train {cfg.name}: warning: {cfg.num_workers} workers x {cfg.cpus_per_worker} CPU, {s.concurrency} "
+            f"encoder actors x {s.num_cpus} and a decode task of {s.decode_cpus} need {need:g} CPUs; the cluster "
+            f"has {have:g}: unless it scales up, the stream never starts (lower cpus_per_worker, "
+            f"stream.num_cpus or stream.decode_cpus)"
+        )
+
+
+def _datasets(cfg: TrainConfig) -> tuple[dict, dict | None]:
+    """Ray Train's datasets (embedding shards, or image-text shards encoded as they stream) and the
+    encoder settings the rows were made with."""
+    if cfg.stream is not None:
+        return {"train": stream_dataset(replace(cfg.stream, storage=cfg.storage))[0]}, to_dict(cfg.stream.encoders)
+    return {"train": ray_dataset(cfg.data, cfg.storage)[0]}, data_encoders(cfg.data, cfg.storage)
 
 
 def run_training(cfg: TrainConfig, progress=print) -> dict:
@@ -466,12 +529,15 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
         run_id = tracker.run_id
 
     # The Ray blocks: what each worker gets, how many workers, where checkpoints go, restarts.
+    if cfg.stream is not None:
+        _check_stream_fits(cfg, progress)
+    datasets, encoders = _datasets(cfg)
     loop_config = {
         "cfg": to_dict(cfg),
         "meta": meta,
         "run_id": run_id,
         "resume": resume,
-        "encoders": data_encoders(cfg.data, cfg.storage),
+        "encoders": encoders,
         "fail_at_step": faults.planned(f"train:{cfg.name}"),
         "fail_marker": join(cfg.output, cfg.name, faults.MARKER),
     }
@@ -485,7 +551,6 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
         storage_filesystem=arrow_filesystem(fs) if is_url(cfg.output) else None,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
     )
-    datasets = {"train": ray_dataset(cfg.data, cfg.storage)[0]}
 
     # Fit.
     trainer = TorchTrainer(
@@ -499,7 +564,11 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
     done = result.return_value or {}
     path = with_scheme(result.checkpoint.path, cfg.output) if result.checkpoint else None
     progress(f"train {cfg.name}: finished at step {done.get('step')}; checkpoint {path}")
-    return {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id}
+    if done.get("stream"):
+        read, dropped = done["stream"]["read"], done["stream"]["dropped"]
+        why = f" ({', '.join(f'{r}: {n}' for r, n in dropped.items())})" if dropped else ""
+        progress(f"train {cfg.name}: the stream read {read} image-text rows, dropped {sum(dropped.values())}{why}")
+    return {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id, "stream": done.get("stream")}
 
 
 def _resume_plan(cfg: TrainConfig) -> tuple[str | None, dict, str | None]:
