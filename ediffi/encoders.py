@@ -157,6 +157,8 @@ def _open_clip():
 
     open_clip.add_model_config(Path(__file__).parent / "clip_configs")
     return open_clip
+
+
 TINY_CLIP = "ediffi-tiny"
 
 
