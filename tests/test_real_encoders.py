@@ -24,7 +24,7 @@ from ediffi_platform.config import load_config
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
 from ediffi_platform.generate import GenerateConfig, run_generate
 from ediffi_platform.ingest import InputConfig
-from ediffi_platform.precompute import PrecomputeConfig, stream_dataset
+from ediffi_platform.precompute import PrecomputeConfig, stream_dataset, stream_meta
 from ediffi_platform.reader import EpochCache, ray_dataset
 from ediffi_platform.runs import training_state
 from ediffi_platform.synthetic import SyntheticConfig, write_synthetic
@@ -59,7 +59,10 @@ def test_local_t5_folder_and_vit_b_32_precompute_train_finetune_and_generate(tmp
     # holds them, are the precomputed rows bit for bit (one Embedder, one storage dtype).
     pre = PrecomputeConfig(input=InputConfig(path=str(src)), encoders=enc, batch_size=16)
     epochs = {}
-    for name, (ds, meta) in {"stream": stream_dataset(pre), "stored": ray_dataset(str(tmp_path / "emb"))}.items():
+    for name, (ds, meta) in {
+        "stream": (stream_dataset(pre), stream_meta(pre)),
+        "stored": ray_dataset(str(tmp_path / "emb")),
+    }.items():
         cache = EpochCache(512)
         epochs[name] = (list(cache.batches(ds, meta, 8, seed=3)), meta, cache.dropped)
     (streamed, meta_s, dropped), (stored, meta_p, _) = epochs["stream"], epochs["stored"]

@@ -50,7 +50,8 @@ class ClipFitConfig:
 
 
 def read_pairs(cfg: ClipFitConfig, resolution: int) -> tuple[torch.Tensor, list[str], dict[str, int]]:
-    """CLIP views of the source images (uint8 [N, 3, R, R]) and captions; undecodable or captionless rows skipped and counted."""
+    """CLIP views of the source images (uint8 [N, 3, R, R]) and captions; undecodable or captionless
+    rows skipped and counted."""
     fs, _ = filesystem(cfg.input.path, cfg.storage)
     afs = arrow_filesystem(fs)
     images, captions, skipped = [], [], {}

@@ -41,7 +41,7 @@ from ediffi_platform.ingest import (
     shard_name,
 )
 from ediffi_platform.runs import EMBEDDINGS_MANIFEST
-from ediffi_platform.shards import ShardMeta, build_table, read_meta
+from ediffi_platform.shards import TENSOR_COLUMNS, ShardMeta, build_table, read_meta
 from ediffi_platform.storage import (
     StorageConfig,
     arrow_filesystem,
@@ -111,10 +111,12 @@ class Embedder:
             "caption": batch.column("caption").take(idx),
         }
         if len(idx):
-            blobs = batch.column("image").take(idx).to_pylist()
-            images = np.stack([np.frombuffer(b, np.uint8).reshape(R, R, 3) for b in blobs])
+            images = _square_images(batch.column("image").take(idx), R)
             prompts = columns["caption"].to_pylist()
-            pixels = self._clip_views(batch.column("clip_view").take(idx)) if self.cfg.encode_images else None
+            pixels = None
+            if self.cfg.encode_images:  # CLIP's view of each source image (ingest.clip_view)
+                views = _square_images(batch.column("clip_view").take(idx), self.encoder.image_size)
+                pixels = torch.from_numpy(views).permute(0, 3, 1, 2)
             cond, stats = self.encoder.encode(prompts, pixels)
             columns.update(image=images, **cond_to_numpy(cond, self.cfg.storage_dtype))
             truncated = stats.truncated_rows
@@ -132,11 +134,10 @@ class Embedder:
         packed = _pack(kept, dropped)
         return packed.append_column("ready", pa.array([self.ready] * packed.num_rows, pa.float64()))
 
-    def _clip_views(self, col: pa.ChunkedArray) -> torch.Tensor:
-        """The CLIP views of the source images (ingest.clip_view), uint8 [B, 3, S, S]."""
-        S = self.encoder.image_size
-        views = np.stack([np.frombuffer(b, np.uint8).reshape(S, S, 3) for b in col.to_pylist()])
-        return torch.from_numpy(views).permute(0, 3, 1, 2)
+
+def _square_images(col: pa.ChunkedArray, side: int) -> np.ndarray:
+    """A column of decoded RGB images (raw bytes) as uint8 [B, side, side, 3]."""
+    return np.stack([np.frombuffer(b, np.uint8).reshape(side, side, 3) for b in col.to_pylist()])
 
 
 def _pack(kept: pa.Table, dropped: pa.Table) -> pa.Table:
@@ -309,14 +310,11 @@ def stream_meta(cfg: PrecomputeConfig) -> ShardMeta:
     return ShardMeta(spec, cfg.image.resolution, cfg.storage_dtype)
 
 
-def stream_dataset(cfg: PrecomputeConfig) -> tuple[ray.data.Dataset, ShardMeta]:
-    """Image-text shards encoded on the fly, for Ray Train's streaming split (nothing is written),
-    and the rows' layout; the shards' schemas are checked first."""
+def stream_dataset(cfg: PrecomputeConfig) -> ray.data.Dataset:
+    """Image-text shards encoded on the fly, for Ray Train's streaming split (nothing is written).
+    The caller checks the shards' schemas and the rows' layout first (train.validate_training)."""
     paths = list_shards(cfg.input.path, cfg.storage)
-    for p in paths:
-        check_schema(p, cfg.input, cfg.storage)
-    meta = stream_meta(cfg)
-    return encoded_rows(cfg, paths).select_columns(["key", "caption", *meta.layout_columns(), "drop_reason"]), meta
+    return encoded_rows(cfg, paths).select_columns(["key", "caption", *TENSOR_COLUMNS, "drop_reason"])
 
 
 def _check_output_compatible(fs, root: str, cfg: PrecomputeConfig) -> None:

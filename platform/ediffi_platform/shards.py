@@ -29,6 +29,7 @@ IMAGE = "image"
 SHARD_VERSION = 2
 SEQUENCES = {"t5": "t5_mask", "clip": "clip_mask", "clip_image": "clip_image_mask"}  # field -> its mask
 FIXED = (IMAGE, "clip_pooled")
+TENSOR_COLUMNS = (*FIXED, *SEQUENCES)  # what a shard stores (masks are not columns: they follow from lengths)
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -56,10 +57,6 @@ class ShardMeta:
         for name, mask in SEQUENCES.items():
             out[name], out[mask] = (shapes[name], emb), (shapes[mask], np.dtype(np.bool_))
         return out
-
-    def layout_columns(self) -> list[str]:
-        """The tensor columns a shard stores (masks are not columns: they follow from the lengths)."""
-        return [*FIXED, *SEQUENCES]
 
     def sequence(self, name: str) -> tuple[int, tuple[int, ...]]:
         """A sequence field's most vectors per row and the shape of one vector."""

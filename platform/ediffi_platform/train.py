@@ -504,7 +504,7 @@ def _datasets(cfg: TrainConfig) -> tuple[dict, dict | None]:
     """Ray Train's datasets (embedding shards, or image-text shards encoded as they stream) and the
     encoder settings the rows were made with."""
     if cfg.stream is not None:
-        return {"train": stream_dataset(replace(cfg.stream, storage=cfg.storage))[0]}, to_dict(cfg.stream.encoders)
+        return {"train": stream_dataset(replace(cfg.stream, storage=cfg.storage))}, to_dict(cfg.stream.encoders)
     return {"train": ray_dataset(cfg.data, cfg.storage)[0]}, data_encoders(cfg.data, cfg.storage)
 
 
