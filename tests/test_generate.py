@@ -307,14 +307,18 @@ CIRCLE, SQUARE, TRIANGLE = (
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_jsonl_then_parquet_ema_weights_batch_sizes_and_resume(job, ensemble, encoder, tmp_path):
+def test_jsonl_then_parquet_ema_weights_batch_sizes_and_resume(job, ensemble, encoder, tmp_path, monkeypatch):
     """A JSONL file, then its rows plus one more from Parquet into the same folder (a resume: the same
     rows are the same ids). use_ema=True samples the EMA weights: every image equals the one sampled
-    without Ray in other batches by the ensemble with its EMA weights, and differs from its model weights'."""
+    without Ray in other batches by the ensemble with its EMA weights, and differs from its model weights'.
+    The JSONL run compiles the experts (torch.compile traced with aot_eager; batches of 3 and 1 padded
+    to powers of two): its images still equal the eager reference's."""
     (tmp_path / "p.jsonl").write_text(JSONL)
     logs = []
-    s4 = run_generate(_cfg(job, tmp_path, tmp_path / "p.jsonl"), progress=logs.append)
-    assert s4["images_total"] == 4 and [b["line"] for b in s4["bad_rows"]] == [4, 5, 7, 8]
+    monkeypatch.setenv(faults.COMPILE_ENV, "aot_eager")
+    s4 = run_generate(_cfg(job, tmp_path, tmp_path / "p.jsonl", compile=True), progress=logs.append)
+    monkeypatch.delenv(faults.COMPILE_ENV)
+    assert s4["run"]["compiled"] and s4["images_total"] == 4 and [b["line"] for b in s4["bad_rows"]] == [4, 5, 7, 8]
     assert any("line 4: invalid JSON" in m for m in logs) and any("ETA" in m for m in logs)
     meta = pq.read_table(str(tmp_path / "out" / "metadata")).to_pylist()
     assert sorted((m["line"], m["seed"]) for m in meta) == [(1, 1000), (3, 7), (3, 8), (6, 6000)]

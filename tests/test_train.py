@@ -20,6 +20,7 @@ from PIL import Image
 import ediffi_platform.train as train_module
 from conftest import SHARED_ROWS, SHARED_SEED
 from ediffi.checkpoint import load_checkpoint, read_weights
+from ediffi.compilation import COMPILED_UNITS
 from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution, edm_loss
 from ediffi.ema import EMA, power_gamma
@@ -148,11 +149,16 @@ def test_two_workers_overfit_survive_a_killed_worker_and_checkpoint_loads_withou
     ]
 
 
-def test_resume_another_runs_checkpoint_on_s3_under_fsdp2_then_rerun_under_ddp(runs, shared_emb, tmp_path, s3_server):
+def test_resume_another_runs_checkpoint_on_s3_under_fsdp2_then_rerun_under_ddp(
+    runs, shared_emb, tmp_path, s3_server, monkeypatch
+):
     """resume=PATH starts a new run from the base run's step-60 checkpoint (on S3, 10 more steps
     under FSDP2, streaming its data: cache_mb=0); the same job re-run for 10 more under DDP goes on
-    from its own FSDP2 checkpoint, though resume is still set."""
+    from its own FSDP2 checkpoint, though resume is still set. Both compile every block
+    (torch.compile, traced with aot_eager: test_compilation.py checks inductor's numbers)."""
     import s3fs
+
+    monkeypatch.setenv(faults.COMPILE_ENV, "aot_eager")
 
     base_cfg, base = runs["base"]
     fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": s3_server.endpoint_url})
@@ -169,15 +175,19 @@ def test_resume_another_runs_checkpoint_on_s3_under_fsdp2_then_rerun_under_ddp(r
         cache_mb=0,
         checkpoint_every=5,
         sample_images=0,
+        compile=True,
     )
     logs = []
     first = run_training(cfg, progress=logs.append)
+    blocks = sum(isinstance(m, COMPILED_UNITS) for m in build_denoiser(cfg.network(), "meta").modules())
+    assert first["compiled_blocks"] == blocks
     assert any(f"resuming from {src} (step 60)" in m for m in logs), logs
     assert first["step"] == 70 and first["mlflow_run_id"] != base["mlflow_run_id"]  # another run's: a new MLflow run
     logs = []
     second = run_training(replace(cfg, steps=80, strategy="ddp"), progress=logs.append)  # FSDP2 checkpoint, DDP run
     assert any("resuming from s3://ediffi/runs/cont/" in m and "(step 70)" in m for m in logs), logs
     assert second["step"] == 80 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["compiled_blocks"] == blocks
     steps, client = _history(cfg, first["mlflow_run_id"])
     assert steps == list(range(65, 81, 5))
     assert all(math.isfinite(m.value) for m in client.get_metric_history(first["mlflow_run_id"], "loss"))

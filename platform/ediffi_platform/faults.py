@@ -9,6 +9,10 @@ image-generator actor dies once after writing that many images of a batch. "Once
 marker file in the run's or the output's folder, so a restarted worker or a re-run goes on.
 Drivers read the variable (`planned`) and hand the point to their workers; a driver that runs
 inside a Ray task (an expert's training run) gets it forwarded (`runtime_env`).
+
+`EDIFFI_TEST_COMPILE_BACKEND=aot_eager` makes `compile: true` trace with that torch.compile backend
+instead of inductor (whose C++ compile takes a minute on 2 cores): tests check the wiring through
+the real jobs cheaply, and tests/test_compilation.py checks inductor's numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 from ediffi_platform.storage import StorageConfig, filesystem
 
 ENV = "EDIFFI_TEST_FAULTS"
+COMPILE_ENV = "EDIFFI_TEST_COMPILE_BACKEND"
 MARKER = ".fail_injected"
 
 
@@ -35,10 +40,16 @@ def planned(point: str) -> int | None:
     return None if value is None else int(value)
 
 
+def compile_options() -> dict:
+    """torch.compile keyword arguments for the workers: a test's backend, else none (inductor)."""
+    backend = os.environ.get(COMPILE_ENV)
+    return {"backend": backend} if backend else {}
+
+
 def runtime_env() -> dict | None:
-    """A Ray runtime_env passing the faults on to a task that drives its own job (None: no faults)."""
-    raw = os.environ.get(ENV)
-    return {"env_vars": {ENV: raw}} if raw else None
+    """A Ray runtime_env passing the test settings on to a task that drives its own job (None: none)."""
+    env = {k: os.environ[k] for k in (ENV, COMPILE_ENV) if os.environ.get(k)}
+    return {"env_vars": env} if env else None
 
 
 def die_once(marker: str, storage: StorageConfig = StorageConfig()) -> None:

@@ -24,6 +24,7 @@ import ray
 import torch
 
 from ediffi.checkpoint import EMA_FILE, read_config
+from ediffi.compilation import check_compile, for_sampling, use_compile
 from ediffi.encoders import ConditioningEncoder, EncoderConfig, encoder_spec
 from ediffi.pipeline import SamplerConfig, check_compatible, grid, sample, to_uint8
 from ediffi.presets import memory_format
@@ -80,6 +81,9 @@ class GenerateConfig:
     num_cpus: float = 1.0  # CPUs per actor
     threads_per_actor: int = 0  # torch CPU threads per actor; 0 = its CPU share rounded up
     memory_format: str = "auto"  # conv layout: auto (channels_last on CPU, default on GPU), channels_last, contiguous
+    compile: bool | str = (
+        "auto"  # torch.compile the denoisers: auto (where bench_model.py shows a win: GPU), true, false
+    )
     grid_images: int = 16  # images in the sample grid logged to MLflow (0 = none)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
     storage: StorageConfig = field(default_factory=StorageConfig)  # S3 endpoint / credentials
@@ -99,6 +103,7 @@ class GenerateConfig:
         if not lo <= self.paint_strength <= hi:  # NaN fails too
             raise ValueError(f"paint_strength must be in {lo}..{hi}, got {self.paint_strength}")
         memory_format(self.memory_format, "cpu")
+        check_compile(self.compile)
 
 
 # --- the model (found and fetched by ediffi_platform.runs) ---------------------------------------
@@ -136,7 +141,7 @@ NOT_IN_IMAGE_ID = frozenset(
         # enter in another form: the model by content (model_id), a row's own seed and paint strength
         *("model", "seed", "images_per_prompt", "paint_strength"),
         # how the work is spread: the same pixels up to float rounding
-        *("batch_size", "concurrency", "num_gpus", "num_cpus", "threads_per_actor", "memory_format"),
+        *("batch_size", "concurrency", "num_gpus", "num_cpus", "threads_per_actor", "memory_format", "compile"),
     }
 )
 
@@ -270,13 +275,22 @@ class ImageGenerator:
     """Ray Data callable class: model and encoders loaded once; a batch of rows -> images, metadata."""
 
     def __init__(
-        self, cfg: GenerateConfig, model: str, mid: str, encoders: dict, sr_models: tuple = (), fail_after=None
+        self,
+        cfg: GenerateConfig,
+        model: str,
+        mid: str,
+        encoders: dict,
+        sr_models: tuple = (),
+        fail_after=None,
+        compile_options: dict | None = None,
     ):
         self.cfg, self.model, self.mid, self.fail_after = cfg, model, mid, fail_after
         self.device = start_actor(cfg)
         local = fetch_model(model, cfg.storage)
         D, self.net_cfg, _ = load_model(local, cfg.use_ema, self.device, cfg.memory_format)
-        self.D = _Timed(D)
+        self.compiled = compiled = use_compile(cfg.compile, self.device, "sample")
+        self.eager = D  # paint-with-words changes its attention blocks: it runs eagerly
+        self.D = _Timed(for_sampling(D, compiled, **(compile_options or {})))
         self.encoder = ConditioningEncoder(from_dict(EncoderConfig, encoders)).to(self.device).eval()
         check_compatible(self.encoder.spec, self.net_cfg.cond)
         self.sr = []  # the cascade's SR stages, each timed on its own
@@ -285,7 +299,14 @@ class ImageGenerator:
             if not net_sr.sr:
                 raise ValueError(f"sr_stages: {uri} is not a super-resolution model")
             check_compatible(self.encoder.spec, net_sr.cond)
-            self.sr.append(Stage(_Timed(D_sr), net_sr.img_resolution, st.sampler, st.aug_sigma))
+            self.sr.append(
+                Stage(
+                    _Timed(for_sampling(D_sr, compiled, **(compile_options or {}))),
+                    net_sr.img_resolution,
+                    st.sampler,
+                    st.aug_sigma,
+                )
+            )
         self.fs, self.root = filesystem(cfg.out, cfg.storage)
         self.ready = time.time()
 
@@ -315,6 +336,7 @@ class ImageGenerator:
                 "truncated": stats.truncated_rows,
                 **{f"{k}_s": [v / n] * n for k, v in asdict(seconds).items()},
                 "ready": [self.ready] * n,
+                "compiled": [self.compiled] * n,
             }
         )
 
@@ -349,7 +371,7 @@ class ImageGenerator:
             from ediffi.paint import PaintWithWords, paint_masks
 
             masks = paint_masks(self.encoder, [r["prompt"] for r in rows], [self._masks(r) for r in rows], R)
-            D = _Timed(PaintWithWords(self.D.D, masks, strength))
+            D = _Timed(PaintWithWords(self.eager, masks, strength))
         seeds = [r["seed"] for r in rows]
         if self.sr:
             x = cascade([Stage(D, R, scfg), *self.sr], cond, seeds, self.device)[-1]
@@ -519,14 +541,16 @@ def _generate(cfg: GenerateConfig, job: _Job, todo: list[dict], progress) -> dic
             "encoders": job.encoders,
             "sr_models": job.sr_models,
             "fail_after": faults.planned("generate"),
+            "compile_options": faults.compile_options(),
         },
         batch_format="pyarrow",
         **pool_args(cfg),
     )
     t0, last = time.time(), 0.0
-    images, truncated, ready, seconds = 0, 0, math.inf, Seconds()
+    images, truncated, ready, seconds, compiled = 0, 0, math.inf, Seconds(), False
     for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         images += b.num_rows
+        compiled |= bool(pa.compute.any(b.column("compiled")).as_py())
         truncated += int(pa.compute.sum(b.column("truncated")).as_py() or 0)
         ready = min(ready, pa.compute.min(b.column("ready")).as_py())  # the first actor's start-up done
         seconds.add(b)
@@ -546,6 +570,7 @@ def _generate(cfg: GenerateConfig, job: _Job, todo: list[dict], progress) -> dic
         "images_per_s_after_startup": images / (end - ready),
         "seconds_per_image": {k: v / images for k, v in asdict(seconds).items()},
         "network_share": seconds.network / busy if busy else 0.0,
+        "compiled": compiled,  # the denoisers ran under torch.compile (GenerateConfig.compile)
     }
 
 

@@ -34,6 +34,7 @@ from ediffi.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
+from ediffi.compilation import check_compile, compile_blocks, use_compile
 from ediffi.conditioning import CondSpec, DropoutConfig
 from ediffi.distributed import (
     STRATEGIES,
@@ -47,7 +48,7 @@ from ediffi.ema import EMA
 from ediffi.pipeline import SamplerConfig, grid, sample, to_uint8
 from ediffi.presets import PRESETS, build_denoiser, memory_format
 from ediffi.sr import SRConfig, augment, degrade
-from ediffi.training import step_seed, train_step
+from ediffi.training import checkpoint_activations, optimizer_options, step_seed, train_step
 from ediffi.unet import UNetConfig
 from ediffi_platform import faults
 from ediffi_platform.config import from_dict, to_dict
@@ -107,6 +108,10 @@ class TrainConfig:
     sigma_hi: float = math.inf  # upper end of the noise interval
     dtype: str = "auto"  # autocast dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     memory_format: str = "auto"  # conv layout: auto (channels_last on CPU, default on GPU), channels_last, contiguous
+    compile: bool | str = "auto"  # torch.compile each block: auto (where bench_model.py shows a win: GPU), true, false
+    activation_checkpointing: bool = (
+        False  # recompute each block's activations in the backward (less memory, ~1/3 more compute)
+    )
     num_workers: int = 2  # Ray Train workers
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 1.0  # CPUs per worker
@@ -157,6 +162,7 @@ class TrainConfig:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         memory_format(self.memory_format, "cpu")
+        check_compile(self.compile)
         if self.strategy == "fsdp" and self.memory_format == "channels_last":
             raise ValueError("memory_format=channels_last is not supported with strategy=fsdp (use auto or contiguous)")
         self.noise()
@@ -195,6 +201,7 @@ class _Model:
     net_cfg: UNetConfig
     D: EDMPrecond  # unwrapped: the EMA follows it, checkpoints and sample grids read it
     wrapped: torch.nn.Module  # D under DDP or FSDP2
+    layout: torch.memory_format  # its convolutions' memory format: training images are fed in it
     ema: EMA
     opt: torch.optim.Optimizer
 
@@ -255,7 +262,7 @@ def train_loop_per_worker(config: dict) -> dict:
     net_cfg = cfg.network(config["meta"].spec)
     D = build_denoiser(net_cfg)
     state, ema_weights, optim_state = _restore(cfg, D, config)
-    m = _distribute(cfg, D, device, state, ema_weights, optim_state)
+    m = _distribute(cfg, D, device, state, ema_weights, optim_state, config.get("compile_options", {}))
     tracker = Tracker(cfg.tracking, run_id=state.mlflow_run_id) if rank == 0 else None
 
     # Train. Metrics are held back until the next checkpoint is committed: steps redone after a
@@ -265,7 +272,7 @@ def train_loop_per_worker(config: dict) -> dict:
     gen = torch.Generator(device=device)  # re-seeded every step: a resumed run draws what the uninterrupted one did
     window, pending = _Window(), []
     while state.step < cfg.steps:
-        for waited, micro in _waited(_optimizer_steps(cfg, cache, shard, config["meta"], state, device)):
+        for waited, micro in _waited(_optimizer_steps(cfg, cache, shard, config["meta"], state, device, m.layout)):
             res = _step(cfg, m, micro, step=state.step, rank=rank, generator=gen, dtype=dtype)
             state.step += 1
             window.add(res, cfg.batch_size * cfg.optim.grad_accum * world, waited)
@@ -299,7 +306,8 @@ def train_loop_per_worker(config: dict) -> dict:
             }
             tracker.metrics(counts, state.step)
         tracker.finish()
-    return {"step": state.step, "mlflow_run_id": state.mlflow_run_id, "stream": stream}
+    compiled = sum(getattr(b, "_compiled_call_impl", None) is not None for b in m.D.modules())
+    return {"step": state.step, "mlflow_run_id": state.mlflow_run_id, "stream": stream, "compiled_blocks": compiled}
 
 
 def _restore(cfg: TrainConfig, D: EDMPrecond, config: dict) -> tuple[TrainState, dict | None, dict | None]:
@@ -340,21 +348,30 @@ def _resume_point(cfg: TrainConfig, resume: str | None) -> ray.train.Checkpoint 
     return ckpt
 
 
-def _distribute(cfg, D, device, state: TrainState, ema_weights: dict | None, optim_state: dict | None) -> _Model:
+def _distribute(
+    cfg, D, device, state: TrainState, ema_weights: dict | None, optim_state: dict | None, compile_options: dict
+) -> _Model:
     """D on the device under DDP or FSDP2, its EMA (sharded like the weights) and optimizer, restored."""
     # FSDP2 shards parameters along their first dimension: keep its default layout.
-    D.to(device, memory_format=memory_format("contiguous" if cfg.strategy == "fsdp" else cfg.memory_format, device))
+    layout = memory_format("contiguous" if cfg.strategy == "fsdp" else cfg.memory_format, device)
+    D.to(device, memory_format=layout)
+    if cfg.activation_checkpointing:
+        checkpoint_activations(D)
+    if use_compile(cfg.compile, device, "train"):
+        compile_blocks(D, **compile_options)  # before sharding: FSDP2 wraps the compiled blocks
     wrapped = (
         shard_denoiser(D, device) if cfg.strategy == "fsdp" else ray.train.torch.prepare_model(D, move_to_device=False)
     )
     ema = EMA(D.net, cfg.ema_decay, cfg.ema_sigma_rel)  # after sharding: sharded like the weights
     o = cfg.optim
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(
+        wrapped.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **optimizer_options(device)
+    )
     if ema_weights is not None:
         ema.load(ema_weights, state.step if state.ema_updates is None else state.ema_updates)
     if optim_state is not None:
         load_optimizer_state(wrapped, opt, optim_state)
-    return _Model(D.net.cfg, D, wrapped, ema, opt)
+    return _Model(D.net.cfg, D, wrapped, layout, ema, opt)
 
 
 def _waited(items: Iterator) -> Iterator[tuple[float, object]]:
@@ -368,7 +385,7 @@ def _waited(items: Iterator) -> Iterator[tuple[float, object]]:
         yield time.perf_counter() - t, item
 
 
-def _optimizer_steps(cfg: TrainConfig, cache: EpochCache, shard, meta: dict, state: TrainState, device):
+def _optimizer_steps(cfg: TrainConfig, cache: EpochCache, shard, meta: dict, state: TrainState, device, layout):
     """The rest of the current epoch as optimiser steps (lists of grad_accum micro-batches), from
     where `state` says training is; the epoch run to its end moves `state` to the next one."""
     skip, micro = state.batches_into_epoch, []
@@ -378,7 +395,7 @@ def _optimizer_steps(cfg: TrainConfig, cache: EpochCache, shard, meta: dict, sta
         if i < skip:
             continue  # resume inside an epoch: skip what was already trained on
         state.batches_into_epoch = i + 1
-        micro.append((images.to(device), cond.to(device)))
+        micro.append((images.to(device, memory_format=layout), cond.to(device)))
         if len(micro) == cfg.optim.grad_accum:
             yield micro
             micro = []
@@ -540,6 +557,7 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
         "encoders": encoders,
         "fail_at_step": faults.planned(f"train:{cfg.name}"),
         "fail_marker": join(cfg.output, cfg.name, faults.MARKER),
+        "compile_options": faults.compile_options(),  # testing only (EDIFFI_TEST_COMPILE_BACKEND)
     }
     scaling_config = ray.train.ScalingConfig(
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
@@ -568,7 +586,8 @@ def run_training(cfg: TrainConfig, progress=print) -> dict:
         read, dropped = done["stream"]["read"], done["stream"]["dropped"]
         why = f" ({', '.join(f'{r}: {n}' for r, n in dropped.items())})" if dropped else ""
         progress(f"train {cfg.name}: the stream read {read} image-text rows, dropped {sum(dropped.values())}{why}")
-    return {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id, "stream": done.get("stream")}
+    out = {"checkpoint": path, "step": done.get("step"), "mlflow_run_id": run_id, "stream": done.get("stream")}
+    return out | {"compiled_blocks": done.get("compiled_blocks", 0)}
 
 
 def _resume_plan(cfg: TrainConfig) -> tuple[str | None, dict, str | None]:
