@@ -88,17 +88,18 @@ def bench(name: str, a, *, compiled: bool = False, fused: bool | None = None) ->
         sampled = ExpertEnsemble(copies, intervals_from_boundaries(boundaries_from_quantiles(q)))
     else:
         sampled = D
-    sampler_D = for_sampling(sampled, compiled)
+    opts = {"mode": a.compile_mode} if a.compile_mode else {}
+    sampler_D = for_sampling(sampled, compiled, **opts)
 
     D.eval()
     with torch.no_grad():
-        fwd_D = for_sampling(D, compiled)
+        fwd_D = for_sampling(D, compiled, **opts)
         t_fwd, first_fwd = _timed(lambda: _fwd_autocast(fwd_D, x, sigma, cond, device, dtype), device, a.repeats)
     train = build_denoiser(cfg, device).to(memory_format=memory_format("auto", device)).train()
     if a.activation_checkpointing:
         checkpoint_activations(train)
     if compiled:
-        compile_blocks(train)
+        compile_blocks(train, **opts)
     opt_kw = optimizer_options(device) if fused is None else {"fused": fused}
     opt = torch.optim.AdamW(train.parameters(), lr=1e-4, **opt_kw)
     if torch.device(device).type == "cuda":
@@ -116,7 +117,9 @@ def bench(name: str, a, *, compiled: bool = False, fused: bool | None = None) ->
     sample(timed, cond, (3, R, R), list(range(batch)), scfg, device)
     _sync(device)
     t_sample = time.perf_counter() - t0
-    variant = ("compiled" if compiled else "eager") + ("" if fused is None else f", fused={fused}")
+    variant = (f"compiled {a.compile_mode or ''}".strip() if compiled else "eager") + (
+        "" if fused is None else f", fused={fused}"
+    )
     row = {
         "preset": name,
         "variant": variant,
@@ -219,6 +222,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (H100/H200 bf16 dense: 989)")
     p.add_argument("--compile", action="store_true", help="also run compiled (blocks for training, Bucketed sampling)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--fused", action="store_true", help="also run AdamW with fused=True and fused=False")
     p.add_argument("--diffusers", action="store_true", help="also train diffusers' U-Net at the same widths")
     p.add_argument("--experts", type=int, default=1, help="sample through an ensemble of this many experts")

@@ -105,9 +105,9 @@ class ExpertEnsemble:
     ) -> torch.Tensor:
         """Each sample through its expert as wrap(expert, idx)(x[idx], sigma[idx], cond[idx]), idx being
         the samples' indices in the batch (None: the whole batch), so a wrapper can slice per-sample state."""
-        lo, hi = sigma.min().item(), sigma.max().item()
+        lo, hi = torch.stack(torch.aminmax(sigma)).tolist()  # one host sync a call
         i = self.expert_index(lo)
-        if self.intervals[i].contains(torch.tensor(hi)):  # the whole batch goes to one expert
+        if hi < self.intervals[i].hi:  # the whole batch goes to one expert (samplers' usual case)
             return wrap(self.experts[i], None)(x, sigma, cond)
         out = torch.empty_like(x, dtype=torch.float32)
         for expert, iv in zip(self.experts, self.intervals, strict=True):

@@ -37,7 +37,8 @@ class Guided:
         if self.scale == 1.0:  # no guidance: skip the unconditional half entirely
             return self.denoiser(x, sigma, cond)
         B = x.shape[0]
-        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([cond, self.uncond(cond)]))
+        both = _once(self, cond, lambda c: Cond.cat([c, self.uncond(c)]))
+        out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
         c, u = out[:B], out[B:]
         return u + self.scale * (c - u)
 
@@ -57,10 +58,17 @@ class StyleGuided:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         B = x.shape[0]
-        text = cond.drop("clip_image", False)
-        out = self.denoiser(torch.cat([x] * 3), torch.cat([sigma] * 3), Cond.cat([cond, text, cond.null()]))
+        three = _once(self, cond, lambda c: Cond.cat([c, c.drop("clip_image", False), c.null()]))
+        out = self.denoiser(torch.cat([x] * 3), torch.cat([sigma] * 3), three)
         full, t, n = out[:B], out[B : 2 * B], out[2 * B :]
         return n + self.text_scale * (t - n) + self.style_scale * (full - t)
+
+
+def _once(owner, cond: Cond, make) -> Cond:
+    """make(cond), built once for the cond a sampler passes at every step (not again each step)."""
+    if getattr(owner, "_cond_key", None) is not cond:
+        owner._cond_key, owner._cond_value = cond, make(cond)
+    return owner._cond_value
 
 
 STYLE_MODES = ("text", "style", "text+style")

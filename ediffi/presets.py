@@ -166,3 +166,40 @@ def preset_report(name: str) -> dict:
         "params": count_parameters(build_denoiser(cfg, "meta")),
         "forward_flops_per_image": forward_flops(cfg),
     }
+
+
+def activation_bytes(cfg: UNetConfig, checkpointed: bool = False) -> int:
+    """Bytes per image the forward keeps for the backward in float32, counted on the meta device:
+    each saved tensor once, attention as a fused (flash) kernel keeps it (no L x L score matrices);
+    with activation checkpointing, what the blocks keep is their inputs."""
+    from ediffi.training import checkpoint_activations
+    from ediffi.unet import AttnBlock, ResBlock
+
+    D = build_denoiser(cfg, "meta")
+    if checkpointed:
+        checkpoint_activations(D)
+    saved: dict[int, torch.Tensor] = {}
+    block_inputs = [0]
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        scores = t.ndim == 4 and t.shape[-1] == t.shape[-2] > cfg.img_resolution  # self-attention's
+        if not scores:
+            saved.setdefault(id(t), t)
+        return t
+
+    def count_input(module, args) -> None:
+        block_inputs[0] += args[0].numel() * args[0].element_size()
+
+    hooks = [m.register_forward_pre_hook(count_input) for m in D.modules() if isinstance(m, ResBlock | AttnBlock)]
+    R = cfg.img_resolution
+    x = torch.empty(1, cfg.in_channels, R, R, device="meta")
+    cond = empty_cond(cfg.cond, 1, "meta")
+    if cfg.sr:
+        cond.lowres = torch.empty(1, cfg.in_channels, R // 4, R // 4, device="meta")
+        cond.aug_sigma = torch.empty(1, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        D(x, torch.empty(1, device="meta"), cond)
+    for h in hooks:
+        h.remove()
+    total = sum(t.numel() * t.element_size() for t in saved.values())
+    return total + (block_inputs[0] if checkpointed else 0)

@@ -137,11 +137,23 @@ def job_config(cls: type[T], argv: list[str] | None, description: str) -> T:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with the job's settings (defaults apply to missing keys)")
     p.add_argument("overrides", nargs="*", help="key.path=value settings applied after the file")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the networks (parameters, FLOPs, memory per GPU) and the plan, exit without Ray",
+    )
     a = p.parse_args(argv)
     try:
-        return load_config(cls, a.config, a.overrides)
-    except ConfigError as e:
+        cfg = load_config(cls, a.config, a.overrides)
+        if a.dry_run:
+            from ediffi_platform.dryrun import describe
+
+            print("\n".join([f"dry run ({cls.__name__}): the config is valid", *describe(cfg)]))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
+    if a.dry_run:
+        raise SystemExit(0)
+    return cfg
 
 
 class JobFailed(RuntimeError):
