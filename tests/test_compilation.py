@@ -58,7 +58,7 @@ def _train(D, micro_batches: list, steps: int) -> list[float]:
     return losses
 
 
-def test_compiled_training_and_sampling_match_eager():
+def test_compiled_training_matches_eager_with_accumulation():
     # Inductor compiles each graph with the C++ compiler: one level keeps this to a few graphs.
     cfg = get_preset("tiny", channel_mult=(1,), attn_resolutions=(16,))
     eager = randomize(build_denoiser(cfg), seed=3)
@@ -69,13 +69,17 @@ def test_compiled_training_and_sampling_match_eager():
     assert got == pytest.approx(want, rel=1e-4)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
-    # Sampling a short last batch: 3 prompts (6 with guidance's halves) run padded to 8.
-    cond = random_cond(cfg.cond, 3, seed=5)
+
+
+def test_bucketed_sampling_matches_eager_for_a_short_last_batch(tiny_D, tiny_cfg):
+    # aot_eager: dynamo's and AOTAutograd's graph of the whole denoiser, run as traced (inductor's
+    # numbers are the test above's; its C++ compile of this graph would cost another 20 s here).
+    cond = random_cond(tiny_cfg.cond, 3, seed=5)
     scfg = SamplerConfig(steps=3, guidance=2.0)
-    want = sample(eager.eval(), cond, (3, 16, 16), [1, 2, 3], scfg)
-    got = sample(Bucketed(eager), cond, (3, 16, 16), [1, 2, 3], scfg)
+    want = sample(tiny_D, cond, (3, 16, 16), [1, 2, 3], scfg)
+    got = sample(Bucketed(tiny_D, backend="aot_eager"), cond, (3, 16, 16), [1, 2, 3], scfg)  # 6 run as 8
     assert got.shape == want.shape
-    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 def test_compiled_blocks_compile_once_per_block_shape():
