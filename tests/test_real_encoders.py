@@ -1,7 +1,8 @@
 """Real encoder architectures offline: a T5 v1.1-style encoder saved to a local folder (d_model 64)
-and open_clip's ViT-B-32 by its own name (random init), through precompute, training with a preset
-whose conditioning shapes come from the data, training streamed from the image-text shards (rows
-equal to the precomputed ones, dropped inputs counted, resumed), expert fine-tuning and generation."""
+and open_clip's ViT-B-32 by its own name (random init), through precompute, training streamed from
+the image-text shards with a preset whose conditioning shapes come from the data (rows equal to the
+precomputed ones, dropped inputs counted, resumed), expert fine-tuning of that base on the
+precomputed shards, and generation."""
 
 import io
 import json
@@ -70,14 +71,13 @@ def test_local_t5_folder_and_vit_b_32_precompute_train_finetune_and_generate(tmp
     for (x_s, c_s), (x_p, c_p) in zip(streamed, stored, strict=True):
         assert torch.equal(x_s, x_p) and all(torch.equal(getattr(c_s, k), v) for k, v in c_p.tensors().items())
 
-    # preset=demo and nothing else about shapes: they come from the data; model.* changes the network.
+    # preset=demo and nothing else about shapes: they come from the data (the workers build
+    # cfg.network(meta.spec), the same call for embedding shards and streams); model.* changes the network.
     off = "tracking.enabled=false"
     common = [f"data={tmp_path / 'emb'}", "preset=demo", "batch_size=4", "num_workers=1", "cpus_per_worker=0.25", off]
     common += ["sample_images=0"]
     cfg = load_config(TrainConfig, None, [*common, "steps=2", f"output={tmp_path / 'runs'}"])
-    D, meta = load_checkpoint(run_training(cfg, progress=lambda *_: None)["checkpoint"])
-    assert D.net.cfg == replace(PRESETS["demo"], cond=VIT_B_32)
-    assert meta["encoders"]["t5"] == enc.t5 and meta["encoders"]["clip"] == "ViT-B-32"
+    assert cfg.network(validate_training(cfg).spec) == replace(PRESETS["demo"], cond=VIT_B_32)
 
     # Streamed from the image-text shards (cache_mb=0: every epoch read, decoded and encoded anew),
     # with model.model_channels=32: stopped at step 4, re-run to step 10, it goes on from step 4.
@@ -109,19 +109,22 @@ def test_local_t5_folder_and_vit_b_32_precompute_train_finetune_and_generate(tmp
     with pytest.raises(ValueError, match="shards have t5_dim=64, the model expects t5_dim=32"):
         validate_training(replace(cfg, model={"cond": {"t5_dim": 32}}))
 
-    # Experts fine-tune the base's network (this job's train.preset is another one) ...
+    # Experts fine-tune the streamed base's network from the embedding shards (train.preset=demo
+    # says 64 channels; the base has 32) ...
     ft = FinetuneConfig(
-        base=str(tmp_path / "runs" / "base"),
+        base=str(tmp_path / "s" / "base"),
         plan=ExpertPlan(boundaries=(1.0,)),
         train=load_config(TrainConfig, None, [*common, "steps=1"]),
         output=str(tmp_path / "experts"),
         experts={"expert1": {"model": {"dropout": 0.1}}},  # ... whose dropout an expert may change
     )
-    with pytest.raises(ValueError, match=r"train\.model\.model_channels=32: experts fine-tune the base's network"):
-        run_finetune(replace(ft, train=replace(ft.train, model={"model_channels": 32})), progress=lambda *_: None)
+    with pytest.raises(ValueError, match=r"train\.model\.model_channels=64: experts fine-tune the base's network"):
+        run_finetune(replace(ft, train=replace(ft.train, model={"model_channels": 64})), progress=lambda *_: None)
     done = run_finetune(ft, progress=lambda *_: None)
-    nets = [load_checkpoint(done["experts"][e]["checkpoint"])[0].net.cfg for e in ("expert0", "expert1")]
-    assert [n.model_channels for n in nets] == [64, 64] and [n.dropout for n in nets] == [0.0, 0.1]
+    experts = [load_checkpoint(done["experts"][e]["checkpoint"]) for e in ("expert0", "expert1")]
+    assert [D.net.cfg.model_channels for D, _ in experts] == [32, 32]
+    assert [D.net.cfg.dropout for D, _ in experts] == [0.0, 0.1] and experts[0][0].net.cfg.cond == VIT_B_32
+    assert all(m["encoders"]["t5"] == enc.t5 and m["encoders"]["clip"] == "ViT-B-32" for _, m in experts)
 
     # Generation encodes prompts with the encoders the checkpoints recorded.
     (tmp_path / "p.txt").write_text("a small red circle\na big blue square\n")
