@@ -25,11 +25,13 @@ from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution, edm_loss
 from ediffi.ema import EMA, power_gamma
 from ediffi.encoders import EncoderConfig
+from ediffi.ensemble import read_manifest
 from ediffi.pipeline import SamplerConfig
 from ediffi.presets import build_denoiser, get_preset
 from ediffi_platform import faults
 from ediffi_platform.config import to_dict
-from ediffi_platform.generate import GenerateConfig, run_generate
+from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
+from ediffi_platform.generate import GenerateConfig, SRStageConfig, run_generate
 from ediffi_platform.reader import EpochCache, iter_batches, ray_dataset
 from ediffi_platform.runs import latest_checkpoint
 from ediffi_platform.tracking import TrackingConfig
@@ -381,9 +383,24 @@ def test_sr_stage_trains_with_the_same_job_and_tracking_down_only_warns(runs):
         replace(cfg, preset="tiny")
 
 
-def test_generation_from_the_run_folder_encodes_prompts_as_its_data_was(runs, tmp_path):
-    """The run folder as the model (its latest checkpoint); its data's encoders (seed 7) unless told."""
+def test_sr_experts_as_a_cascade_stage_after_the_run_folder_with_its_data_encoders(runs, tmp_path):
+    """The SR stage's run split into two experts (trained as the stage was: lowres input, augmentation),
+    their manifest the cascade's SR stage after the base run folder (its latest checkpoint); prompts
+    encoded with the data's encoders (seed 7) unless told."""
     cfg, _ = runs["base"]
+    sr_cfg, sr_out, _ = runs["sr"]
+    off = TrackingConfig(enabled=False)
+    ft = FinetuneConfig(
+        base=sr_out["checkpoint"],
+        plan=ExpertPlan(quantiles=(0.5,)),
+        train=replace(sr_cfg, steps=1, checkpoint_every=1, sample_images=0, tracking=off),
+        output=str(tmp_path / "sr_experts"),
+    )
+    with pytest.raises(ValueError, match=r"is a super-resolution stage \(32px\): set train\.lowres"):
+        run_finetune(replace(ft, train=replace(ft.train, preset="tiny", lowres=0)), progress=lambda *_: None)
+    experts = run_finetune(ft, progress=lambda *_: None)
+    intervals, checkpoints, _ = read_manifest(experts["manifest"])
+    assert len(intervals) == 2 and all(load_checkpoint(c)[0].net.cfg.sr for c in checkpoints)
     (tmp_path / "p.txt").write_text("a small red circle\na big blue square\n")
 
     def generate(out: str, encoders: EncoderConfig | None) -> dict[int, np.ndarray]:
@@ -393,10 +410,11 @@ def test_generation_from_the_run_folder_encodes_prompts_as_its_data_was(runs, tm
             model=str(Path(cfg.output, cfg.name)),
             encoders=encoders,
             sampler=SamplerConfig(steps=3, guidance=2.0),
+            sr_stages=(SRStageConfig(model=experts["manifest"], sampler=SamplerConfig(steps=2)),),
             batch_size=2,
             num_cpus=0.5,
             grid_images=0,
-            tracking=TrackingConfig(enabled=False),
+            tracking=off,
         )
         assert run_generate(gen, progress=lambda *_: None)["images_total"] == 2
         meta = pq.read_table(str(tmp_path / out / "metadata")).to_pylist()
@@ -407,5 +425,6 @@ def test_generation_from_the_run_folder_encodes_prompts_as_its_data_was(runs, tm
     default = generate("default", EncoderConfig())
     assert recorded.keys() == same.keys() == default.keys() == {1, 2}
     for line in recorded:
+        assert recorded[line].shape == (32, 32, 3)  # the SR experts' resolution
         assert np.array_equal(recorded[line], same[line]), line
-        assert np.abs(recorded[line].astype(int) - default[line]).mean() > 1, line  # measured: 37 and 107
+        assert np.abs(recorded[line].astype(int) - default[line]).mean() > 1, line

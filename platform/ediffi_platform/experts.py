@@ -153,6 +153,18 @@ def _base_network(model: dict, base_net: UNetConfig, where: str) -> dict:
     return net
 
 
+def _check_stage(cfg: FinetuneConfig, base_net: UNetConfig) -> None:
+    """Experts of a super-resolution stage train as it did: on the upsampled low-resolution image with
+    noise-conditioning augmentation, which needs train.lowres; a base stage's experts must not set it."""
+    if base_net.sr and not cfg.train.lowres:
+        raise ValueError(
+            f"{cfg.base} is a super-resolution stage ({base_net.img_resolution}px): set train.lowres to its input "
+            f"resolution (train.aug_sigma_max sets its noise-conditioning augmentation, {cfg.train.aug_sigma_max} now)"
+        )
+    if not base_net.sr and cfg.train.lowres:
+        raise ValueError(f"{cfg.base} is a base stage: train.lowres is for super-resolution stages")
+
+
 @ray.remote(num_cpus=0, max_retries=0)
 def _fit(train: dict) -> dict:
     """One expert's Ray Train run, driven from a zero-CPU task so that several run at once."""
@@ -167,7 +179,9 @@ def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
     base = resolve_checkpoint(cfg.base, storage)
     tracking = usable(cfg.train.tracking, "expert training")
     cfg = replace(cfg, output=absolute(cfg.output), train=replace(cfg.train, tracking=tracking))
-    levels = expert_configs(cfg, base, model_network(base, storage))
+    base_net = model_network(base, storage)
+    _check_stage(cfg, base_net)
+    levels = expert_configs(cfg, base, base_net)
     validate_training(levels[0][0][2])  # every expert reads the same data with the base's network
 
     # The job's state (its MLflow parent run) and the experts, level by level.
