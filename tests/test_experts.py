@@ -201,3 +201,30 @@ def test_hierarchical_experts_on_s3_retry_one_then_rerun_skips_the_finished(base
     _, cond = next(iter_batches(train.data, 4))
     imgs = sample(ens, cond, (3, 32, 32), [0, 1, 2, 3], SamplerConfig(steps=6, guidance=1.5))
     assert imgs.shape == (4, 3, 32, 32) and torch.isfinite(imgs).all()
+
+
+def test_auto_plan_measures_the_base_saves_its_curve_and_a_rerun_reuses_its_boundaries(base, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ediffi_platform import auto_plan
+    from ediffi_platform.experts import _auto_plan
+    from ediffi_platform.storage import filesystem
+
+    train, ckpt = base
+    plan = ExpertPlan(auto=3, auto_rows=12, auto_levels=6)
+    cfg = FinetuneConfig(base=ckpt, plan=plan, train=train, output=str(tmp_path / "out"))
+    assert expert_names(cfg.plan) == ["expert0", "expert1", "expert2"]
+    fs, root = filesystem(cfg.output)
+    state, logs = {}, []
+    planned, files = _auto_plan(cfg, ckpt, state, fs, root, logs.append)
+    b = planned.plan.boundaries
+    assert len(b) == 2 and 0 < b[0] < b[1] and state["auto_boundaries"] == list(b)
+    curve = json.loads((tmp_path / "out" / auto_plan.CURVE_JSON).read_text())
+    assert curve["rows"] == 12 and len(curve["influence"]) == 6 and curve["boundaries"] == list(b)
+    assert all(v > 0 for v in curve["influence"])  # the text changes even a random network's output
+    assert Image.open(tmp_path / "out" / auto_plan.CURVE_PNG).size == (700, 400) and len(files) == 2
+    assert any("auto plan: boundaries" in m for m in logs)
+    # A re-run takes the boundaries from the job's state: the same experts, nothing measured.
+    monkeypatch.setattr(auto_plan, "measure", lambda *a, **k: pytest.fail("measured again"))
+    again, files = _auto_plan(cfg, ckpt, dict(state), fs, root, logs.append)
+    assert again.plan.boundaries == b and files == []

@@ -98,6 +98,11 @@ def _finetune(cfg) -> list[str]:
     levels = cfg.plan.levels(NoiseDistribution(t.P_mean, t.P_std))
     names = iter(expert_names(cfg.plan))
     lines = [f"experts from {cfg.base}: {sum(len(lv) for lv in levels)} experts in {len(levels)} level(s)"]
+    if cfg.plan.auto:
+        lines.append(
+            f"  boundaries: placed when the job runs, from the base's text influence on {cfg.plan.auto_rows} rows"
+        )
+        levels = []
     for d, level in enumerate(levels):
         for iv, parent in level:
             name = next(names)

@@ -40,22 +40,32 @@ JOB_STATE = "ensemble.json"  # the job's own state (not a manifest): MLflow pare
 
 @dataclass(frozen=True)
 class ExpertPlan:
-    """How to split the noise range. Set one of boundaries / quantiles / tree_depth; none set means
-    eDiff-I's three experts (quantiles 1/8 and 511/512 of the training noise distribution)."""
+    """How to split the noise range. Set one of boundaries / quantiles / tree_depth / auto; none set
+    means eDiff-I's three experts (quantiles 1/8 and 511/512 of the training noise distribution)."""
 
     boundaries: tuple[float, ...] | None = None  # inner sigma boundaries, increasing
     quantiles: tuple[float, ...] | None = None  # inner quantiles (0..1) of the training noise distribution
     tree_depth: int | None = None  # binary tree of this depth over the distribution's mass (2^depth experts)
     hierarchical: bool = False  # tree only: split, fine-tune, then split the children again, level by level
+    auto: int | None = (
+        None  # this many experts, boundaries from the base's text-influence curve (ediffi.text_influence)
+    )
+    auto_data: str | None = None  # held-out embedding shards the auto plan measures on (unset: train.data)
+    auto_rows: int = 64  # rows the auto plan measures on
+    auto_levels: int = 24  # noise levels of the measured curve (log-spaced over the training distribution)
 
     def __post_init__(self) -> None:
-        given = [k for k in ("boundaries", "quantiles", "tree_depth") if getattr(self, k) is not None]
+        given = [k for k in ("boundaries", "quantiles", "tree_depth", "auto") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"set only one of boundaries, quantiles, tree_depth (got {given})")
         if self.hierarchical and self.tree_depth is None:
             raise ValueError("hierarchical needs tree_depth")
         if self.tree_depth is not None and not 1 <= self.tree_depth <= 6:
             raise ValueError(f"tree_depth must be in 1..6, got {self.tree_depth}")
+        if self.auto is not None and not 2 <= self.auto <= 16:
+            raise ValueError(f"auto must be in 2..16 experts, got {self.auto}")
+        if self.auto_rows < 1 or self.auto_levels < 3:
+            raise ValueError(f"auto_rows must be >= 1 and auto_levels >= 3, got {self.auto_rows}, {self.auto_levels}")
         self.levels()  # boundaries increasing, quantiles in (0, 1)
 
     def levels(self, noise: NoiseDistribution = NoiseDistribution()) -> list[list[tuple[Interval, int | None]]]:
@@ -72,6 +82,8 @@ class ExpertPlan:
             bounds = list(self.boundaries)
         elif self.tree_depth is not None:
             bounds = boundaries_from_quantiles(tree_quantiles(self.tree_depth), noise)
+        elif self.auto is not None:  # placeholders with the plan's shape until the job measures the base
+            bounds = boundaries_from_quantiles([j / self.auto for j in range(1, self.auto)], noise)
         else:
             bounds = boundaries_from_quantiles(self.quantiles or EDIFFI_BASE_QUANTILES, noise)
         return [[(iv, None) for iv in _intervals(bounds)]]
@@ -181,13 +193,20 @@ def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
     cfg = replace(cfg, output=absolute(cfg.output), train=replace(cfg.train, tracking=tracking))
     base_net = model_network(base, storage)
     _check_stage(cfg, base_net)
-    levels = expert_configs(cfg, base, base_net)
-    validate_training(levels[0][0][2])  # every expert reads the same data with the base's network
+    validate_training(expert_configs(cfg, base, base_net)[0][0][2])  # every expert: the same data, the base's network
 
-    # The job's state (its MLflow parent run) and the experts, level by level.
+    # The job's state (its MLflow parent run, an auto plan's boundaries) and the experts, level by level.
     fs, root = filesystem(cfg.output, storage)
     state = read_json(fs, join(root, JOB_STATE)) if fs.exists(join(root, JOB_STATE)) else {}
+    curve_files = []
+    if cfg.plan.auto:
+        cfg, curve_files = _auto_plan(cfg, base, state, fs, root, progress)
+    levels = expert_configs(cfg, base, base_net)
     parent = Tracker(tracking, run_id=state.get("mlflow_run_id"), run_name=cfg.name)
+    for path in curve_files:
+        parent.artifact(path)
+    if curve_files:
+        parent.params({"plan.auto_boundaries": ", ".join(f"{b:.6g}" for b in cfg.plan.boundaries)})
     if parent.run_id and not state.get("mlflow_run_id"):
         parent.params(flatten({"base": base, "plan": to_dict(cfg.plan), "retries": cfg.retries}))
         parent.params(flatten({"train": to_dict(cfg.train)}))
@@ -226,6 +245,32 @@ def run_finetune(cfg: FinetuneConfig, progress=print) -> dict:
     write_json(fs, join(root, JOB_STATE), state)
     progress(f"experts: manifest {manifest} ({len(intervals)} experts)")
     return {"manifest": manifest, "experts": done, "mlflow_run_id": parent.run_id}
+
+
+def _auto_plan(cfg: FinetuneConfig, base: str, state: dict, fs, root: str, progress) -> tuple[FinetuneConfig, list]:
+    """cfg with the auto plan's boundaries: measured on the base now (curve saved to the output
+    folder, returned as local files for MLflow), or those a first run chose (the job's state)."""
+    from ediffi_platform import auto_plan
+
+    p, t = cfg.plan, cfg.train
+    files = []
+    if "auto_boundaries" not in state:
+        curve = auto_plan.measure(
+            base,
+            p.auto_data or t.data,
+            experts=p.auto,
+            rows=p.auto_rows,
+            levels=p.auto_levels,
+            noise=NoiseDistribution(t.P_mean, t.P_std),
+            lowres=t.lowres,
+            storage=t.storage,
+        )
+        files = auto_plan.save(curve, fs, root)
+        state["auto_boundaries"] = curve["boundaries"]
+        write_json(fs, join(root, JOB_STATE), state)
+    bounds = tuple(state["auto_boundaries"])
+    progress(f"experts: auto plan: boundaries {', '.join(f'{b:.4g}' for b in bounds)} ({auto_plan.CURVE_PNG})")
+    return replace(cfg, plan=ExpertPlan(boundaries=bounds)), files
 
 
 def _from_parent(t: TrainConfig, parent_name: str | None, done: dict) -> TrainConfig:

@@ -281,6 +281,7 @@ class ImageGenerator:
         mid: str,
         encoders: dict,
         sr_models: tuple = (),
+        *,
         fail_after=None,
         compile_options: dict | None = None,
     ):

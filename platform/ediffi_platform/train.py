@@ -262,7 +262,7 @@ def train_loop_per_worker(config: dict) -> dict:
     net_cfg = cfg.network(config["meta"].spec)
     D = build_denoiser(net_cfg)
     state, ema_weights, optim_state = _restore(cfg, D, config)
-    m = _distribute(cfg, D, device, state, ema_weights, optim_state, config.get("compile_options", {}))
+    m = _distribute(cfg, D, device, state, ema_weights, optim_state, compile_options=config.get("compile_options", {}))
     tracker = Tracker(cfg.tracking, run_id=state.mlflow_run_id) if rank == 0 else None
 
     # Train. Metrics are held back until the next checkpoint is committed: steps redone after a
@@ -272,7 +272,9 @@ def train_loop_per_worker(config: dict) -> dict:
     gen = torch.Generator(device=device)  # re-seeded every step: a resumed run draws what the uninterrupted one did
     window, pending = _Window(), []
     while state.step < cfg.steps:
-        for waited, micro in _waited(_optimizer_steps(cfg, cache, shard, config["meta"], state, device, m.layout)):
+        for waited, micro in _waited(
+            _optimizer_steps(cfg, cache, shard, config["meta"], state, device, layout=m.layout)
+        ):
             res = _step(cfg, m, micro, step=state.step, rank=rank, generator=gen, dtype=dtype)
             state.step += 1
             window.add(res, cfg.batch_size * cfg.optim.grad_accum * world, waited)
@@ -349,7 +351,7 @@ def _resume_point(cfg: TrainConfig, resume: str | None) -> ray.train.Checkpoint 
 
 
 def _distribute(
-    cfg, D, device, state: TrainState, ema_weights: dict | None, optim_state: dict | None, compile_options: dict
+    cfg, D, device, state: TrainState, ema_weights: dict | None, optim_state: dict | None, *, compile_options: dict
 ) -> _Model:
     """D on the device under DDP or FSDP2, its EMA (sharded like the weights) and optimizer, restored."""
     # FSDP2 shards parameters along their first dimension: keep its default layout.
@@ -385,7 +387,7 @@ def _waited(items: Iterator) -> Iterator[tuple[float, object]]:
         yield time.perf_counter() - t, item
 
 
-def _optimizer_steps(cfg: TrainConfig, cache: EpochCache, shard, meta: dict, state: TrainState, device, layout):
+def _optimizer_steps(cfg: TrainConfig, cache: EpochCache, shard, meta: dict, state: TrainState, device, *, layout):
     """The rest of the current epoch as optimiser steps (lists of grad_accum micro-batches), from
     where `state` says training is; the epoch run to its end moves `state` to the next one."""
     skip, micro = state.batches_into_epoch, []
