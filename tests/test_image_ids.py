@@ -79,6 +79,7 @@ NEUTRAL_CHANGED = {
     "num_cpus": 2.0,
     "threads_per_actor": 3,
     "memory_format": "contiguous",
+    "compile": True,
 }
 PER_ROW = {"model", "seed", "images_per_prompt", "paint_strength"}
 
