@@ -10,7 +10,7 @@ import sys
 from ediffi_platform.cluster import ensure_ray
 from ediffi_platform.config import job_config, run_job
 from ediffi_platform.console import job_console
-from ediffi_platform.demo import DemoConfig, run_demo
+from ediffi_platform.demo import JUDGED, DemoConfig, acceptance, run_demo, standard_error
 from ediffi_platform.judge import SHAPE_BY_SIZE
 
 
@@ -21,15 +21,17 @@ def main(argv=None) -> int:
         with job_console("demo", cfg.workdir) as con:
             ensure_ray(num_cpus=2)
             s = run_demo(cfg, progress=con.say)
-        a = s["alignment"]
+        a, n = s["alignment"], cfg.eval_prompts
         print()
-        print(f"demo finished in {s['seconds'] / 60:.1f} min")
+        print(f"demo finished in {s['seconds'] / 60:.1f} min; {n} held-out captions, +- one standard error")
         for name in ("base", "ensemble"):
             print(
-                f"  {name:9s} color {100 * a[name]['color']:.1f}%  shape {100 * a[name]['shape']:.1f}%  "
-                f"position {100 * a[name]['position']:.1f}%  all five {100 * a[name]['all']:.1f}%  "
-                + "  ".join(f"{k} {100 * a[name][k]:.1f}%" for k in SHAPE_BY_SIZE.values() if k in a[name])
+                f"  {name:9s} "
+                + "  ".join(f"{k} {100 * a[name][k]:.0f}+-{100 * standard_error(a[name][k], n):.0f}%" for k in JUDGED)
+                + "  "
+                + "  ".join(f"{k} {100 * a[name][k]:.0f}%" for k in SHAPE_BY_SIZE.values() if k in a[name])
             )
+        print("  bar:       " + ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in acceptance(a, n).items()))
         print(f"  images:     {s['images']}/")
         print(f"  grid:       {s['grid']}")
         print(f"  report:     {s['report']}")

@@ -112,3 +112,18 @@ def test_demo_end_to_end_small_and_resumed(tmp_path):
     assert s2["alignment"]["base"] == s["alignment"]["base"]
     got, _ = judged(w / "outputs" / "ensemble")
     assert s2["alignment"]["ensemble"] == got and got["color"] == got["background"] == got["position"] == 1.0
+
+
+def test_the_demo_bar_and_its_standard_errors():
+    from ediffi_platform.demo import acceptance, standard_error
+
+    assert standard_error(0.5, 100) == 0.05 and standard_error(1.0, 100) == 0.0
+    a = {
+        "base": {"color": 0.95, "position": 0.92, "all": 0.50},
+        "ensemble": {"color": 0.91, "position": 0.99, "all": 0.45},
+    }
+    assert all(acceptance(a, 100).values())  # 5 points below, one SE of the difference is 7.1
+    a["ensemble"]["all"] = 0.42
+    assert acceptance(a, 100)["ensemble all five >= base - 1 SE"] is False
+    a["base"]["color"] = 0.89
+    assert acceptance(a, 100)["color >= 90 %"] is False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -94,6 +95,26 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict:
     }
     (w / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+JUDGED = ("color", "shape", "size", "position", "background", "all")  # the judge's labels, all five at once
+
+
+def standard_error(p: float, n: int) -> float:
+    """One binomial standard error of an accuracy p measured on n images."""
+    return math.sqrt(p * (1 - p) / n)
+
+
+def acceptance(alignment: dict, n: int) -> dict[str, bool]:
+    """The demo's bar: color and position >= 90 % for both models, and the ensemble's all five not
+    below the base's by more than one standard error (of the difference, n images each)."""
+    b, e = alignment["base"], alignment["ensemble"]
+    se = math.hypot(standard_error(b["all"], n), standard_error(e["all"], n))
+    return {
+        "color >= 90 %": min(b["color"], e["color"]) >= 0.9,
+        "position >= 90 %": min(b["position"], e["position"]) >= 0.9,
+        "ensemble all five >= base - 1 SE": e["all"] >= b["all"] - se,
+    }
 
 
 def _data(cfg: DemoConfig, w: Path, say) -> None:
