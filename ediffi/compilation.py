@@ -19,7 +19,6 @@ from ediffi.edm import Denoiser
 from ediffi.ensemble import ExpertEnsemble
 from ediffi.unet import AttnBlock, ResBlock
 
-COMPILE_CHOICES = ("auto", True, False)
 # Where `auto` compiles, by device type and use. CPU (2 cores, tiny32 and demo, 2026-12-04,
 # bench_model.py --compile): see docs/benchmarks.md. CUDA: inductor's fused kernels are the usual win
 # for convolutional U-Nets; benchmarks/gpu_check.sh prints the compiled / eager ratio to confirm it.

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ediffi.conditioning import CondSpec, empty_cond
+from ediffi.conditioning import Cond, CondSpec, empty_cond
 from ediffi.edm import EDMPrecond
 from ediffi.unet import UNet, UNetConfig
 
@@ -144,17 +144,20 @@ def count_parameters(module: torch.nn.Module) -> int:
 def forward_flops(cfg: UNetConfig, batch: int = 1) -> int:
     """Forward FLOPs per image (matmul/conv/attention, counted on the meta device)."""
     D = build_denoiser(cfg, "meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        D(*_meta_inputs(cfg, batch))
+    return counter.get_total_flops() // batch
+
+
+def _meta_inputs(cfg: UNetConfig, batch: int) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+    """(x, sigma, cond) of a batch on the meta device (SR stages: with their low-resolution input)."""
     R = cfg.img_resolution
-    x = torch.empty(batch, cfg.in_channels, R, R, device="meta")
     cond = empty_cond(cfg.cond, batch, "meta")
     if cfg.sr:
         cond.lowres = torch.empty(batch, cfg.in_channels, R // 4, R // 4, device="meta")
         cond.aug_sigma = torch.empty(batch, device="meta")
-    sigma = torch.empty(batch, device="meta")
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        D(x, sigma, cond)
-    return counter.get_total_flops() // batch
+    return torch.empty(batch, cfg.in_channels, R, R, device="meta"), torch.empty(batch, device="meta"), cond
 
 
 def preset_report(name: str) -> dict:
@@ -191,14 +194,8 @@ def activation_bytes(cfg: UNetConfig, checkpointed: bool = False) -> int:
         block_inputs[0] += args[0].numel() * args[0].element_size()
 
     hooks = [m.register_forward_pre_hook(count_input) for m in D.modules() if isinstance(m, ResBlock | AttnBlock)]
-    R = cfg.img_resolution
-    x = torch.empty(1, cfg.in_channels, R, R, device="meta")
-    cond = empty_cond(cfg.cond, 1, "meta")
-    if cfg.sr:
-        cond.lowres = torch.empty(1, cfg.in_channels, R // 4, R // 4, device="meta")
-        cond.aug_sigma = torch.empty(1, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        D(x, torch.empty(1, device="meta"), cond)
+        D(*_meta_inputs(cfg, 1))
     for h in hooks:
         h.remove()
     total = sum(t.numel() * t.element_size() for t in saved.values())

@@ -17,6 +17,7 @@ from dataclasses import replace
 from ediffi.presets import activation_bytes, build_denoiser, count_parameters, forward_flops
 from ediffi.unet import UNetConfig
 from ediffi_platform.config import to_dict
+from ediffi_platform.ingest import list_shards
 from ediffi_platform.storage import is_url
 
 GiB = 2**30
@@ -67,10 +68,10 @@ def memory_lines(t) -> list[str]:
 def _local_shards(path: str, what: str) -> str:
     if is_url(path):
         return f"{what}: {path} (not read in a dry run)"
-    if not os.path.exists(path):
-        return f"{what}: {path} (not there yet)"
-    n = sum(f.endswith(".parquet") for _, _, files in os.walk(path) for f in files) if os.path.isdir(path) else 1
-    return f"{what}: {path} ({n} Parquet files)"
+    try:
+        return f"{what}: {path} ({len(list_shards(path))} Parquet files)"
+    except FileNotFoundError as e:
+        return f"{what}: {path} (not there yet: {e})"
 
 
 def _train(cfg) -> list[str]:
