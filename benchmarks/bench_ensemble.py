@@ -8,7 +8,10 @@ For each budget B (images seen, so it transfers across machines) and k experts o
 images each:
 - single: one network trained for B images;
 - ensemble: the same network trained for B - kE, then split into k experts by each plan, every expert
-  fine-tuned for E images (concurrently, by the expert job).
+  fine-tuned for E images (concurrently, by the expert job);
+- control (plan `whole`): the same network trained for B - kE, then fine-tuned by the expert job as one
+  "expert" over the whole noise range for kE images, with the experts' recipe (half the learning
+  rate, a fresh optimiser): what the tail alone is worth, without the split.
 All arms share one base run, checkpointed at every B - kE and at every B, so the benchmark costs one
 long run plus the experts. Every stage resumes: re-run the same command after an interruption.
 Each arm generates one image per held-out caption (same seeds, Heun, guidance), judged from the
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ediffi.checkpoint import load_checkpoint
+from ediffi.checkpoint import TRAINING_FILES, load_checkpoint
 from ediffi.conditioning import DropoutConfig
 from ediffi.edm import NoiseDistribution, edm_loss
 from ediffi.encoders import EncoderConfig
@@ -52,7 +55,9 @@ from ediffi_platform.train import SIGMA_BUCKETS, OptimConfig, TrainConfig, run_t
 
 BATCH = 64  # images a step, in every run: the base on 2 workers x 32, each expert on 1 worker x 64
 JUDGED = ("color", "shape", "size", "position", "background", "all")
-PLANS = ("equal", "auto", "ediffi")  # equal-mass quantiles; measured text influence; the paper's (k=3 only)
+PLANS = ("equal", "auto", "ediffi", "whole")  # equal-mass quantiles; measured text influence; the paper's (k=3
+# only); no split: one network over the whole range for the k experts' images (the control)
+SETTINGS = ("fraction", "captions", "sampling_steps", "guidance")  # what results.json's figures depend on
 
 
 def plan_for(name: str, k: int, held: str) -> ExpertPlan | None:
@@ -61,6 +66,8 @@ def plan_for(name: str, k: int, held: str) -> ExpertPlan | None:
         return ExpertPlan(quantiles=tuple(j / k for j in range(1, k)))
     if name == "auto":
         return ExpertPlan(auto=k, auto_data=held, auto_rows=128)
+    if name == "whole":
+        return ExpertPlan(boundaries=())  # one interval, (0, inf)
     return ExpertPlan() if k == 3 else None  # eDiff-I's quantiles 1/8 and 511/512
 
 
@@ -101,11 +108,23 @@ def base_config(w: Path, demo: DemoConfig, steps: int, tracking: TrackingConfig)
 
 
 def checkpoint_at(run: Path, step: int) -> str:
-    """The base run's checkpoint saved at exactly `step`."""
+    """The base run's complete checkpoint saved at exactly `step`."""
     for c in sorted(run.glob("checkpoint_*")):
-        if (c / "trainer.json").exists() and training_state(str(c))["step"] == step:
+        if all((c / f).exists() for f in TRAINING_FILES) and training_state(str(c))["step"] == step:
             return str(c)
-    raise FileNotFoundError(f"{run}: no checkpoint at step {step}")
+    raise SystemExit(
+        f"{run}: no checkpoint at step {step}; the base run is past it (budgets or --fraction changed since "
+        "this workdir was made): use a new --workdir"
+    )
+
+
+def check_settings(w: Path, a) -> None:
+    """A workdir keeps the settings its results were made with; a re-run with others is refused."""
+    path, now = w / "settings.json", {k: getattr(a, k) for k in SETTINGS}
+    if path.exists() and (was := json.loads(path.read_text())) != now:
+        diff = ", ".join(f"{k} {was.get(k)} -> {now[k]}" for k in SETTINGS if was.get(k) != now[k])
+        raise SystemExit(f"{w}: its results were made with other settings ({diff}): use a new --workdir")
+    path.write_text(json.dumps(now))
 
 
 def heldout_loss(D, data: str, P_mean: float) -> dict[str, float]:
@@ -131,17 +150,20 @@ def main() -> None:
     p.add_argument("--workdir", default="bench_ensemble")
     p.add_argument("--budgets", type=int, nargs="+", default=[256000, 512000], help="images seen per arm")
     p.add_argument("--k", type=int, nargs="+", default=[2, 3], help="experts per ensemble")
-    p.add_argument("--plans", nargs="+", default=["equal", "auto"], choices=PLANS)
+    p.add_argument("--plans", nargs="+", default=["equal", "auto", "whole"], choices=PLANS)
     p.add_argument("--fraction", type=float, default=1 / 12, help="E, each expert's images, as a fraction of B")
     p.add_argument("--captions", type=int, default=300, help="held-out captions judged per arm")
     p.add_argument("--sampling-steps", type=int, default=18)
     p.add_argument("--guidance", type=float, default=3.0)
     a = p.parse_args()
+    if min(a.k) < 2:
+        p.error("--k: an ensemble has at least 2 experts (the plan 'whole' is the 1-network control)")
     if not 0 < a.fraction < 1 / max(a.k):
         p.error(f"--fraction must be in (0, 1/{max(a.k)})")
     budgets, sched = sorted(a.budgets), schedule(sorted(a.budgets), a.k, a.fraction)
     w = Path(a.workdir).absolute()
     w.mkdir(parents=True, exist_ok=True)
+    check_settings(w, a)
     with job_console("bench-ensemble", str(w)) as con:
         ensure_ray(num_cpus=2)
         run(a, w, budgets, sched, con.say)
@@ -214,12 +236,13 @@ def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
                     key = f"{b}/{k} experts, {name}"
                     if key in results:
                         continue
+                    steps = s["expert_steps"] * (k if name == "whole" else 1)  # the control: all k experts' images
                     expert = replace(
-                        base_config(w, demo, s["expert_steps"], tracking),
+                        base_config(w, demo, steps, tracking),
                         batch_size=BATCH,
                         num_workers=1,
                         optim=OptimConfig(lr=demo.lr / 2, warmup_steps=20),
-                        checkpoint_every=s["expert_steps"],
+                        checkpoint_every=steps,
                     )
                     folder = w / "experts" / slug(key)
                     r = run_finetune(
@@ -245,6 +268,11 @@ def slug(key: str) -> str:
     """A results key as a folder name: "512000/3 experts, auto" -> "512000-k3-auto"."""
     budget, arm = key.split("/")
     return f"{budget}-single" if arm == "single" else f"{budget}-k{arm.split()[0]}-{arm.split()[-1]}"
+
+
+def label(arm: str) -> str:
+    """An arm as the table names it: "3 experts, whole" -> "control: 1 network, 3 experts' tail"."""
+    return f"control: 1 network, {arm.split()[0]} experts' tail" if arm.endswith(", whole") else arm
 
 
 def arms(a) -> list[str]:
@@ -280,7 +308,7 @@ def report(a, w: Path, budgets: list[int], sched: dict, results: dict, tracking,
                 cells.append(f"{100 * d:+.1f} ({d / se:+.1f} SE)" if se else f"{100 * d:+.1f}")
             e = "" if arm == "single" else f"{sched[b]['expert_steps'] * BATCH:,}"
             bounds = "" if arm == "single" else boundaries(r["model"])
-            row = [f"{b:,}", arm, e, bounds]
+            row = [f"{b:,}", label(arm), e, bounds]
             row += [f"{100 * acc[k]:.1f} ± {100 * standard_error(acc[k], n):.1f}" for k in JUDGED]
             row += cells + [f"{r['loss'][k]:.4f}" for k in buckets]
             lines.append("| " + " | ".join(row) + " |")
@@ -320,9 +348,9 @@ def plot(a, path: Path, budgets: list[int], results: dict, buckets: list[str]) -
             ys = [100 * y for y in ys] if kind == "alignment" else ys
             if kind == "alignment":
                 err = [100 * standard_error(y / 100, a.captions) for y in ys]
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=arm)
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label(arm))
             else:
-                ax.plot(xs, ys, marker="o", label=arm)
+                ax.plot(xs, ys, marker="o", label=label(arm))
         ax.set_title(f"{k} (% judged right, ± 1 SE)" if kind == "alignment" else f"held-out loss, sigma {k}")
         ax.set_xlabel("training budget (images)")
     axes.flat[0].legend(fontsize=8)

@@ -46,6 +46,7 @@ def _bad_shard(path):
     pq.write_table(pa.table(bad), path)
 
 
+@pytest.mark.slow
 def test_local_t5_folder_and_vit_b_32_precompute_train_finetune_and_generate(tmp_path):
     src = tmp_path / "in"
     write_synthetic(SyntheticConfig(output=str(src), rows=24, shards=2))
