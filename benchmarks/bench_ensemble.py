@@ -170,7 +170,7 @@ def main() -> None:
 
 
 def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
-    """Every stage in order of the base run's milestones; finished stages are read back, not redone."""
+    """Every stage, the base run first; finished stages are read back, not redone."""
     t0 = time.time()
     demo = DemoConfig(workdir=str(w))
     tracking = resolve(TrackingConfig(uri=f"sqlite:///{w / 'mlflow.db'}", artifact_root=(w / "mlruns").as_uri()))
@@ -218,48 +218,34 @@ def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
         results_path.write_text(json.dumps(results, indent=1))
         say(f"{key}: " + ", ".join(f"{k} {100 * acc[k]:.1f}%" for k in JUDGED))
 
-    # 2. The base run, milestone by milestone; after each, what starts or ends there.
+    # 2. The base run to every milestone (each B - kE and each B), then the single arms, largest budget first.
     milestones = sorted({s for b in budgets for s in (sched[b]["steps"], *sched[b]["prefix"].values())})
     for m in milestones:
         run_training(base_config(w, demo, m, tracking), progress=say)
-        base = checkpoint_at(w / "runs" / "base", m)
         say(f"base at step {m} ({m * BATCH} images), {time.time() - t0:.0f} s in")
-        for b in budgets:
-            s = sched[b]
-            for k in a.k:
-                if s["prefix"][k] != m:
-                    continue
-                for name in a.plans:
-                    plan = plan_for(name, k, str(held))
-                    if plan is None:
-                        continue
-                    key = f"{b}/{k} experts, {name}"
-                    if key in results:
-                        continue
-                    steps = s["expert_steps"] * (k if name == "whole" else 1)  # the control: all k experts' images
-                    expert = replace(
-                        base_config(w, demo, steps, tracking),
-                        batch_size=BATCH,
-                        num_workers=1,
-                        optim=OptimConfig(lr=demo.lr / 2, warmup_steps=20),
-                        checkpoint_every=steps,
-                    )
-                    folder = w / "experts" / slug(key)
-                    r = run_finetune(
-                        FinetuneConfig(
-                            base=base,
-                            plan=plan,
-                            train=expert,
-                            output=str(folder),
-                            name=f"bench {key}",
-                        ),
-                        progress=say,
-                    )
-                    judge(key, r["manifest"], ensemble=True)
-            if s["steps"] == m:
-                judge(f"{b}/single", base, ensemble=False)
+    for b in reversed(budgets):
+        judge(f"{b}/single", checkpoint_at(w / "runs" / "base", sched[b]["steps"]), ensemble=False)
 
-    # 3. Report: table, plot, MLflow.
+    # 3. The experts of each arm from the base's checkpoint at B - kE, largest budget and k first.
+    for b, k, name in itertools.product(reversed(budgets), sorted(a.k, reverse=True), a.plans):
+        plan, key = plan_for(name, k, str(held)), f"{b}/{k} experts, {name}"
+        if plan is None or key in results:
+            continue
+        steps = sched[b]["expert_steps"] * (k if name == "whole" else 1)  # the control: all k experts' images
+        expert = replace(
+            base_config(w, demo, steps, tracking),
+            batch_size=BATCH,
+            num_workers=1,
+            optim=OptimConfig(lr=demo.lr / 2, warmup_steps=20),
+            checkpoint_every=steps,
+        )
+        base = checkpoint_at(w / "runs" / "base", sched[b]["prefix"][k])
+        finetune = FinetuneConfig(
+            base=base, plan=plan, train=expert, output=str(w / "experts" / slug(key)), name=f"bench {key}"
+        )
+        judge(key, run_finetune(finetune, progress=say)["manifest"], ensemble=True)
+
+    # 4. Report: table, plot, MLflow.
     report(a, w, budgets, sched, results, tracking, say)
     say(f"done in {time.time() - t0:.0f} s; {w / 'table.md'}, {w / 'plot.png'}")
 
