@@ -30,6 +30,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ediffi.checkpoint import TRAINING_FILES, load_checkpoint
@@ -45,7 +46,7 @@ from ediffi_platform.demo import DemoConfig, _data, _images_by_line, standard_er
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
 from ediffi_platform.generate import GenerateConfig, run_generate
 from ediffi_platform.ingest import ImageFilter, InputConfig
-from ediffi_platform.judge import alignment
+from ediffi_platform.judge import alignment, read_labels
 from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 from ediffi_platform.reader import iter_batches
 from ediffi_platform.runs import training_state
@@ -246,7 +247,7 @@ def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
         judge(key, run_finetune(finetune, progress=say)["manifest"], ensemble=True)
 
     # 4. Report: table, plot, MLflow.
-    report(a, w, budgets, sched, results, tracking, say)
+    report(a, w, budgets, sched, results, tracking, labels)
     say(f"done in {time.time() - t0:.0f} s; {w / 'table.md'}, {w / 'plot.png'}")
 
 
@@ -272,26 +273,37 @@ def boundaries(model: str) -> str:
     return ", ".join(f"{e['sigma_lo']:.3g}" for e in doc["experts"][1:])
 
 
-def report(a, w: Path, budgets: list[int], sched: dict, results: dict, tracking, say) -> None:
-    """table.md (alignment +- one SE, the difference to single in SEs, held-out loss by bucket) and plot.png."""
+def right_per_caption(out: Path, labels: list[dict]) -> dict[str, np.ndarray]:
+    """Per held-out caption, whether the arm's image got its shape, and all five, right (1) or not (0)."""
+    images = _images_by_line(out)
+    seen = [read_labels(images[i + 1]) for i in range(len(labels))]
+    return {
+        "shape": np.array([s["shape"] == want["shape"] for s, want in zip(seen, labels, strict=True)], float),
+        "all": np.array([all(s[k] == want[k] for k in LABELS) for s, want in zip(seen, labels, strict=True)], float),
+    }
+
+
+def paired(arm: np.ndarray, single: np.ndarray) -> str:
+    """The arm's accuracy minus single's on the same captions and seeds, and its size in paired standard errors."""
+    d = arm - single
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    return f"{100 * d.mean():+.1f} ({d.mean() / se:+.1f} SE)" if se else f"{100 * d.mean():+.1f}"
+
+
+def report(a, w: Path, budgets: list[int], sched: dict, results: dict, tracking, labels: list[dict]) -> None:
+    """table.md (alignment +- one SE, the paired difference to single, held-out loss by bucket) and plot.png."""
     n = a.captions
     buckets = [f"{lo:g}-{hi:g}" for lo, hi in itertools.pairwise(SIGMA_BUCKETS)]
     head = ["budget (images)", "arm", "E (images)", "boundaries", *JUDGED, "shape vs single", "all vs single"]
     lines = ["| " + " | ".join(head + [f"loss {b}" for b in buckets]) + " |", "|" + "---|" * (len(head) + len(buckets))]
     for b in budgets:
-        single = results.get(f"{b}/single")
+        single = f"{b}/single" in results and right_per_caption(w / "outputs" / slug(f"{b}/single"), labels)
         for arm in arms(a):
             r = results.get(f"{b}/{arm}")
             if r is None:
                 continue
-            acc, cells = r["alignment"], []
-            for k in ("shape", "all"):
-                if single is None or arm == "single":
-                    cells.append("")
-                    continue
-                d = acc[k] - single["alignment"][k]
-                se = math.hypot(standard_error(acc[k], n), standard_error(single["alignment"][k], n))
-                cells.append(f"{100 * d:+.1f} ({d / se:+.1f} SE)" if se else f"{100 * d:+.1f}")
+            acc, right = r["alignment"], right_per_caption(w / "outputs" / slug(f"{b}/{arm}"), labels)
+            cells = ["" if not single or arm == "single" else paired(right[k], single[k]) for k in ("shape", "all")]
             e = "" if arm == "single" else f"{sched[b]['expert_steps'] * BATCH:,}"
             bounds = "" if arm == "single" else boundaries(r["model"])
             row = [f"{b:,}", label(arm), e, bounds]
