@@ -239,6 +239,7 @@ def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
             num_workers=1,
             optim=OptimConfig(lr=demo.lr / 2, warmup_steps=20),
             checkpoint_every=steps,
+            threads_per_worker=2 if name == "whole" else 1,  # the control trains alone: both cores
         )
         base = checkpoint_at(w / "runs" / "base", sched[b]["prefix"][k])
         finetune = FinetuneConfig(
