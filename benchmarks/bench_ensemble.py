@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--captions", type=int, default=300, help="held-out captions judged per arm")
     p.add_argument("--sampling-steps", type=int, default=18)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--report-only", action="store_true", help="write the table and plot of the arms finished so far")
     a = p.parse_args()
     if min(a.k) < 2:
         p.error("--k: an ensemble has at least 2 experts (the plan 'whole' is the 1-network control)")
@@ -165,16 +166,31 @@ def main() -> None:
     w = Path(a.workdir).absolute()
     w.mkdir(parents=True, exist_ok=True)
     check_settings(w, a)
+    if a.report_only:
+        results = json.loads((w / "results.json").read_text()) if (w / "results.json").exists() else {}
+        report(a, w, budgets, sched, results, tracking_in(w), held_out(a.captions)[1])
+        return
     with job_console("bench-ensemble", str(w)) as con:
         ensure_ray(num_cpus=2)
         run(a, w, budgets, sched, con.say)
+
+
+def tracking_in(w: Path) -> TrackingConfig:
+    """The benchmark's MLflow store, in its workdir."""
+    return resolve(TrackingConfig(uri=f"sqlite:///{w / 'mlflow.db'}", artifact_root=(w / "mlruns").as_uri()))
+
+
+def held_out(n: int) -> tuple[list[str], list[dict]]:
+    """The held-out captions every arm draws, and the labels each was made from."""
+    rows = make_shard(SyntheticConfig(rows=n, shards=1, seed=12345), 0).to_pylist()
+    return [r["caption"] for r in rows], [{k: r[k] for k in LABELS} for r in rows]
 
 
 def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
     """Every stage, the base run first; finished stages are read back, not redone."""
     t0 = time.time()
     demo = DemoConfig(workdir=str(w))
-    tracking = resolve(TrackingConfig(uri=f"sqlite:///{w / 'mlflow.db'}", artifact_root=(w / "mlruns").as_uri()))
+    tracking = tracking_in(w)
     results_path = w / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
@@ -192,9 +208,8 @@ def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
         ),
         progress=say,
     )
-    rows = make_shard(SyntheticConfig(rows=a.captions, shards=1, seed=12345), 0).to_pylist()
-    (w / "prompts.txt").write_text("".join(r["caption"] + "\n" for r in rows))
-    labels = [{k: r[k] for k in LABELS} for r in rows]
+    captions, labels = held_out(a.captions)
+    (w / "prompts.txt").write_text("".join(c + "\n" for c in captions))
 
     def judge(key: str, model: str, ensemble: bool) -> None:
         if key in results:
@@ -213,7 +228,7 @@ def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
         )
         run_generate(gen, progress=say)
         images = _images_by_line(out)
-        acc = alignment([images[i + 1] for i in range(len(rows))], labels)
+        acc = alignment([images[i + 1] for i in range(len(labels))], labels)
         D = load_ensemble(model) if ensemble else load_checkpoint(model, use_ema=True)[0]
         results[key] = {"alignment": acc, "loss": heldout_loss(D, str(held), demo.P_mean), "model": model}
         results_path.write_text(json.dumps(results, indent=1))
@@ -295,7 +310,7 @@ def report(a, w: Path, budgets: list[int], sched: dict, results: dict, tracking,
     """table.md (alignment +- one SE, the paired difference to single, held-out loss by bucket) and plot.png."""
     n = a.captions
     buckets = [f"{lo:g}-{hi:g}" for lo, hi in itertools.pairwise(SIGMA_BUCKETS)]
-    head = ["budget (images)", "arm", "E (images)", "boundaries", *JUDGED, "shape vs single", "all vs single"]
+    head = ["budget (images)", "arm", "tail (nets x images)", "boundaries", *JUDGED, "shape vs single", "all vs single"]
     lines = ["| " + " | ".join(head + [f"loss {b}" for b in buckets]) + " |", "|" + "---|" * (len(head) + len(buckets))]
     for b in budgets:
         single = f"{b}/single" in results and right_per_caption(w / "outputs" / slug(f"{b}/single"), labels)
@@ -305,7 +320,8 @@ def report(a, w: Path, budgets: list[int], sched: dict, results: dict, tracking,
                 continue
             acc, right = r["alignment"], right_per_caption(w / "outputs" / slug(f"{b}/{arm}"), labels)
             cells = ["" if not single or arm == "single" else paired(right[k], single[k]) for k in ("shape", "all")]
-            e = "" if arm == "single" else f"{sched[b]['expert_steps'] * BATCH:,}"
+            k, e = int(arm.split()[0]) if arm != "single" else 0, sched[b]["expert_steps"] * BATCH
+            e = "" if arm == "single" else f"1 x {k * e:,}" if arm.endswith("whole") else f"{k} x {e:,}"
             bounds = "" if arm == "single" else boundaries(r["model"])
             row = [f"{b:,}", label(arm), e, bounds]
             row += [f"{100 * acc[k]:.1f} ± {100 * standard_error(acc[k], n):.1f}" for k in JUDGED]
