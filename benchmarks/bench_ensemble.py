@@ -1,7 +1,7 @@
 """eDiff-I's claim at equal compute: one network against the same network split into experts, through
 the real jobs (Ray Data precompute, Ray Train, the expert job, the generation job, the judge).
 
-    python benchmarks/bench_ensemble.py                                   # ~80 min on 2 cores; resumes
+    python benchmarks/bench_ensemble.py                                   # ~2.5 h on 2 cores; resumes
     python benchmarks/bench_ensemble.py --budgets 64000 128000 --captions 100 --workdir /tmp/be-small
 
 For each budget B (images seen, so it transfers across machines) and k experts of E = B * fraction
@@ -242,8 +242,9 @@ def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
     for b in reversed(budgets):
         judge(f"{b}/single", checkpoint_at(w / "runs" / "base", sched[b]["steps"]), ensemble=False)
 
-    # 3. The experts of each arm from the base's checkpoint at B - kE, largest budget and k first.
-    for b, k, name in itertools.product(reversed(budgets), sorted(a.k, reverse=True), a.plans):
+    # 3. The experts of each arm from the base's checkpoint at B - kE, largest budget and k first, the controls last.
+    todo = itertools.product(reversed(budgets), sorted(a.k, reverse=True), a.plans)
+    for b, k, name in sorted(todo, key=lambda arm: arm[2] == "whole"):  # a stable sort: the order above kept
         plan, key = plan_for(name, k, str(held)), f"{b}/{k} experts, {name}"
         if plan is None or key in results:
             continue
