@@ -46,7 +46,7 @@ from ediffi_platform.demo import DemoConfig, _data, _images_by_line, standard_er
 from ediffi_platform.experts import ExpertPlan, FinetuneConfig, run_finetune
 from ediffi_platform.generate import GenerateConfig, run_generate
 from ediffi_platform.ingest import ImageFilter, InputConfig
-from ediffi_platform.judge import alignment, read_labels
+from ediffi_platform.judge import alignment, right_per_image
 from ediffi_platform.precompute import PrecomputeConfig, run_precompute
 from ediffi_platform.reader import iter_batches
 from ediffi_platform.runs import training_state
@@ -56,8 +56,9 @@ from ediffi_platform.train import SIGMA_BUCKETS, OptimConfig, TrainConfig, run_t
 
 BATCH = 64  # images a step, in every run: the base on 2 workers x 32, each expert on 1 worker x 64
 JUDGED = ("color", "shape", "size", "position", "background", "all")
-PLANS = ("equal", "auto", "ediffi", "whole")  # equal-mass quantiles; measured text influence; the paper's (k=3
-# only); no split: one network over the whole range for the k experts' images (the control)
+# equal-mass quantiles; measured text influence; the paper's (k=3 only); no split: one network over the whole
+# range for the k experts' images (the control)
+PLANS = ("equal", "auto", "ediffi", "whole")
 SETTINGS = ("fraction", "captions", "sampling_steps", "guidance")  # what results.json's figures depend on
 
 
@@ -279,6 +280,14 @@ def label(arm: str) -> str:
     return f"control: 1 network, {arm.split()[0]} experts' tail" if arm.endswith(", whole") else arm
 
 
+def tail(arm: str, e: int) -> str:
+    """What an arm trained after the split, as networks x images ("" for single)."""
+    if arm == "single":
+        return ""
+    k = int(arm.split()[0])
+    return f"1 x {k * e:,}" if arm.endswith(", whole") else f"{k} x {e:,}"
+
+
 def arms(a) -> list[str]:
     """Arm names in table order: single first, then each k and plan."""
     return ["single"] + [f"{k} experts, {n}" for k in a.k for n in a.plans if plan_for(n, k, "") is not None]
@@ -291,13 +300,9 @@ def boundaries(model: str) -> str:
 
 
 def right_per_caption(out: Path, labels: list[dict]) -> dict[str, np.ndarray]:
-    """Per held-out caption, whether the arm's image got its shape, and all five, right (1) or not (0)."""
+    """Per held-out caption, whether the arm's image (in `out`) reads as asked: 1 or 0 per label."""
     images = _images_by_line(out)
-    seen = [read_labels(images[i + 1]) for i in range(len(labels))]
-    return {
-        "shape": np.array([s["shape"] == want["shape"] for s, want in zip(seen, labels, strict=True)], float),
-        "all": np.array([all(s[k] == want[k] for k in LABELS) for s, want in zip(seen, labels, strict=True)], float),
-    }
+    return {k: v.astype(float) for k, v in right_per_image([images[i + 1] for i in range(len(labels))], labels).items()}
 
 
 def paired(arm: np.ndarray, single: np.ndarray) -> str:
@@ -314,17 +319,15 @@ def report(a, w: Path, budgets: list[int], sched: dict, results: dict, tracking,
     head = ["budget (images)", "arm", "tail (nets x images)", "boundaries", *JUDGED, "shape vs single", "all vs single"]
     lines = ["| " + " | ".join(head + [f"loss {b}" for b in buckets]) + " |", "|" + "---|" * (len(head) + len(buckets))]
     for b in budgets:
-        single = f"{b}/single" in results and right_per_caption(w / "outputs" / slug(f"{b}/single"), labels)
+        single = right_per_caption(w / "outputs" / slug(f"{b}/single"), labels) if f"{b}/single" in results else None
         for arm in arms(a):
             r = results.get(f"{b}/{arm}")
             if r is None:
                 continue
             acc, right = r["alignment"], right_per_caption(w / "outputs" / slug(f"{b}/{arm}"), labels)
-            cells = ["" if not single or arm == "single" else paired(right[k], single[k]) for k in ("shape", "all")]
-            k, e = int(arm.split()[0]) if arm != "single" else 0, sched[b]["expert_steps"] * BATCH
-            e = "" if arm == "single" else f"1 x {k * e:,}" if arm.endswith("whole") else f"{k} x {e:,}"
-            bounds = "" if arm == "single" else boundaries(r["model"])
-            row = [f"{b:,}", label(arm), e, bounds]
+            cells = ["" if single is None or arm == "single" else paired(right[k], single[k]) for k in ("shape", "all")]
+            row = [f"{b:,}", label(arm), tail(arm, sched[b]["expert_steps"] * BATCH)]
+            row.append("" if arm == "single" else boundaries(r["model"]))
             row += [f"{100 * acc[k]:.1f} ± {100 * standard_error(acc[k], n):.1f}" for k in JUDGED]
             row += cells + [f"{r['loss'][k]:.4f}" for k in buckets]
             lines.append("| " + " | ".join(row) + " |")

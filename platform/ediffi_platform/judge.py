@@ -74,17 +74,23 @@ def read_labels(image: np.ndarray) -> dict[str, str]:
     }
 
 
-def alignment(images: Sequence[np.ndarray], labels: Sequence[dict[str, str]]) -> dict[str, float]:
-    """Accuracy per label (and all five right at once) of images against the labels they were asked for,
-    plus shape accuracy per asked size (`shape_small`, `shape_big`: small shapes are ~8 px at 32 px)."""
+def right_per_image(images: Sequence[np.ndarray], labels: Sequence[dict[str, str]]) -> dict[str, np.ndarray]:
+    """Per image, whether each label (and all five at once) reads as asked: one bool array per key."""
     if len(images) != len(labels) or not len(images):
         raise ValueError(f"need one label set per image, got {len(images)} images and {len(labels)} label sets")
     seen = [read_labels(im) for im in images]
-    pairs = list(zip(seen, labels, strict=True))
-    out = {k: float(np.mean([s[k] == want[k] for s, want in pairs])) for k in LABELS}
-    out["all"] = float(np.mean([all(s[k] == want[k] for k in LABELS) for s, want in pairs]))
+    out = {k: np.array([s[k] == want[k] for s, want in zip(seen, labels, strict=True)]) for k in LABELS}
+    out["all"] = np.logical_and.reduce([out[k] for k in LABELS])
+    return out
+
+
+def alignment(images: Sequence[np.ndarray], labels: Sequence[dict[str, str]]) -> dict[str, float]:
+    """Accuracy per label (and all five right at once) of images against the labels they were asked for,
+    plus shape accuracy per asked size (`shape_small`, `shape_big`: small shapes are ~8 px at 32 px)."""
+    right = right_per_image(images, labels)
+    out = {k: float(v.mean()) for k, v in right.items()}
     for size, key in SHAPE_BY_SIZE.items():
-        asked = [s["shape"] == want["shape"] for s, want in pairs if want["size"] == size]
-        if asked:
-            out[key] = float(np.mean(asked))
+        asked = np.array([want["size"] == size for want in labels])
+        if asked.any():
+            out[key] = float(right["shape"][asked].mean())
     return out
