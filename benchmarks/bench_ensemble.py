@@ -305,9 +305,14 @@ def right_per_caption(out: Path, labels: list[dict]) -> dict[str, np.ndarray]:
     return {k: v.astype(float) for k, v in right_per_image([images[i + 1] for i in range(len(labels))], labels).items()}
 
 
-def paired(arm: np.ndarray, single: np.ndarray) -> str:
-    """The arm's accuracy minus single's on the same captions and seeds, and its size in paired standard errors."""
-    d = arm - single
+def control_of(arm: str) -> str:
+    """The control arm for an ensemble arm (the same k's tail as one network); "" for single."""
+    return "" if arm == "single" else f"{arm.split()[0]} experts, whole"
+
+
+def paired(arm: np.ndarray, other: np.ndarray) -> str:
+    """The arm's accuracy minus another arm's on the same captions and seeds, and its size in paired standard errors."""
+    d = arm - other
     se = d.std(ddof=1) / math.sqrt(len(d))
     return f"{100 * d.mean():+.1f} ({d.mean() / se:+.1f} SE)" if se else f"{100 * d.mean():+.1f}"
 
@@ -316,16 +321,20 @@ def report(a, w: Path, budgets: list[int], sched: dict, results: dict, tracking,
     """table.md (alignment +- one SE, the paired difference to single, held-out loss by bucket) and plot.png."""
     n = a.captions
     buckets = [f"{lo:g}-{hi:g}" for lo, hi in itertools.pairwise(SIGMA_BUCKETS)]
-    head = ["budget (images)", "arm", "tail (nets x images)", "boundaries", *JUDGED, "shape vs single", "all vs single"]
+    head = ["budget (images)", "arm", "tail (nets x images)", "boundaries", *JUDGED]
+    head += ["shape vs single", "all vs single", "shape vs control"]
     lines = ["| " + " | ".join(head + [f"loss {b}" for b in buckets]) + " |", "|" + "---|" * (len(head) + len(buckets))]
     for b in budgets:
-        single = right_per_caption(w / "outputs" / slug(f"{b}/single"), labels) if f"{b}/single" in results else None
-        for arm in arms(a):
-            r = results.get(f"{b}/{arm}")
-            if r is None:
-                continue
-            acc, right = r["alignment"], right_per_caption(w / "outputs" / slug(f"{b}/{arm}"), labels)
+        rights = {
+            arm: right_per_caption(w / "outputs" / slug(f"{b}/{arm}"), labels)
+            for arm in arms(a)
+            if f"{b}/{arm}" in results
+        }
+        for arm, right in rights.items():
+            r, single, control = results[f"{b}/{arm}"], rights.get("single"), rights.get(control_of(arm))
+            acc = r["alignment"]
             cells = ["" if single is None or arm == "single" else paired(right[k], single[k]) for k in ("shape", "all")]
+            cells.append("" if control is None or arm == control_of(arm) else paired(right["shape"], control["shape"]))
             row = [f"{b:,}", label(arm), tail(arm, sched[b]["expert_steps"] * BATCH)]
             row.append("" if arm == "single" else boundaries(r["model"]))
             row += [f"{100 * acc[k]:.1f} ± {100 * standard_error(acc[k], n):.1f}" for k in JUDGED]
