@@ -228,8 +228,7 @@ def run(a, w: Path, budgets: list[int], sched: dict, say) -> None:
             tracking=tracking,
         )
         run_generate(gen, progress=say)
-        images = _images_by_line(out)
-        acc = alignment([images[i + 1] for i in range(len(labels))], labels)
+        acc = alignment(arm_images(out, len(labels)), labels)
         D = load_ensemble(model) if ensemble else load_checkpoint(model, use_ema=True)[0]
         results[key] = {"alignment": acc, "loss": heldout_loss(D, str(held), demo.P_mean), "model": model}
         results_path.write_text(json.dumps(results, indent=1))
@@ -299,10 +298,15 @@ def boundaries(model: str) -> str:
     return ", ".join(f"{e['sigma_lo']:.3g}" for e in doc["experts"][1:])
 
 
+def arm_images(out: Path, n: int) -> list:
+    """The arm's image (in `out`) of each of the first n held-out captions, in caption order."""
+    images = _images_by_line(out)
+    return [images[i + 1] for i in range(n)]
+
+
 def right_per_caption(out: Path, labels: list[dict]) -> dict[str, np.ndarray]:
     """Per held-out caption, whether the arm's image (in `out`) reads as asked: 1 or 0 per label."""
-    images = _images_by_line(out)
-    return {k: v.astype(float) for k, v in right_per_image([images[i + 1] for i in range(len(labels))], labels).items()}
+    return {k: v.astype(float) for k, v in right_per_image(arm_images(out, len(labels)), labels).items()}
 
 
 def control_of(arm: str) -> str:
@@ -318,7 +322,8 @@ def paired(arm: np.ndarray, other: np.ndarray) -> str:
 
 
 def report(a, w: Path, budgets: list[int], sched: dict, results: dict, tracking, labels: list[dict]) -> None:
-    """table.md (alignment +- one SE, the paired difference to single, held-out loss by bucket) and plot.png."""
+    """table.md (alignment +- one SE, the paired differences to single and to the control, held-out loss by
+    bucket) and plot.png."""
     n = a.captions
     buckets = [f"{lo:g}-{hi:g}" for lo, hi in itertools.pairwise(SIGMA_BUCKETS)]
     head = ["budget (images)", "arm", "tail (nets x images)", "boundaries", *JUDGED]
